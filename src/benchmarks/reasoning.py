@@ -1,0 +1,146 @@
+"""GSM8K and MATH (MATH-500 style): step-by-step prompts, ``\\boxed{}`` answers, normalisation.
+
+Both use the paper's prompt: the question, then "Please reason step by step, and put your final
+answer within \\boxed{}." A response is correct when its extracted final answer equals the
+reference after normalisation (numerically for numbers).
+"""
+
+from __future__ import annotations
+
+import re
+
+from src.benchmarks.base import Benchmark
+
+STEP_BY_STEP = "Please reason step by step, and put your final answer within \\boxed{}."
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox``), nested braces kept; None if absent."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start:].split("box", 1)[1]
+    if rest.startswith("ed"):
+        rest = rest[2:]
+    if not rest.startswith("{"):
+        # "\boxed 5": the answer runs to the next space or dollar sign.
+        match = re.match(r"\s+([^\s$]+)", rest)
+        return match.group(1) if match else None
+    depth = 0
+    for i, char in enumerate(rest):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return rest[1:i]
+    return None
+
+
+def parse_number(text: str) -> float | None:
+    """A number written plainly ("1,234", "-3.50", "$5", "12.") as float; None otherwise."""
+    cleaned = re.sub(r"\\?\$|\\%|%|\\,|,|\s", "", text).rstrip(".")
+    try:
+        return float(cleaned)
+    except ValueError:
+        return None
+
+
+def extract_gsm8k_answer(response: str) -> str | None:
+    """Final answer of a response: the last ``\\boxed{}``, else "answer is X", else last number."""
+    boxed = extract_boxed(response)
+    if boxed is not None:
+        numbers = re.findall(_NUMBER, boxed)
+        return numbers[-1] if parse_number(boxed) is None and numbers else boxed
+    stated = re.findall(rf"answer is:?\s*\$?\s*({_NUMBER})", response, flags=re.IGNORECASE)
+    if stated:
+        return stated[-1]
+    numbers = re.findall(_NUMBER, response)
+    return numbers[-1] if numbers else None
+
+
+def numbers_equal(predicted: str | None, reference: str) -> bool:
+    """Numeric equality (to 1e-6 relative) when both parse, else exact string equality."""
+    if predicted is None:
+        return False
+    a, b = parse_number(predicted), parse_number(reference)
+    if a is not None and b is not None:
+        return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+    return predicted.strip() == reference.strip()
+
+
+class GSM8K(Benchmark):
+    """Grade-school math; the reference is the number after ``####`` in the answer field."""
+
+    name = "gsm8k"
+
+    def messages(self, problem: dict) -> list[dict[str, str]]:
+        return [{"role": "user", "content": f"{problem['question']}\n{STEP_BY_STEP}"}]
+
+    def score(self, problem: dict, response: str) -> bool:
+        return numbers_equal(extract_gsm8k_answer(response), gsm8k_reference(problem["answer"]))
+
+
+def gsm8k_reference(answer: str) -> str:
+    """The final number of a GSM8K answer ("... #### 1,234" -> "1234")."""
+    if "####" not in answer:
+        raise ValueError(f"GSM8K answer without '####': {answer[-80:]!r}; check benchmark.path")
+    return answer.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def _unwrap(text: str, command: str) -> str:
+    """``\\command{x}`` -> ``x`` everywhere (braces balanced)."""
+    while (start := text.find(command + "{")) >= 0:
+        depth, i = 0, start + len(command)
+        for i in range(start + len(command), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                break
+        text = text[:start] + text[start + len(command) + 1 : i] + text[i + 1 :]
+    return text
+
+
+def normalize_math(answer: str) -> str:
+    """Canonical form of a LaTeX answer for string comparison (Hendrycks-style, simplified)."""
+    text = answer.strip().replace("\n", "")
+    text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    text = text.replace("\\left", "").replace("\\right", "")
+    for command in ("\\text", "\\textbf", "\\mbox", "\\mathrm"):
+        text = _unwrap(text, command)
+    for junk in ("\\!", "\\,", "\\;", "\\:", "\\$", "$", "\\%", "%", "^\\circ", "^{\\circ}"):
+        text = text.replace(junk, "")
+    text = re.sub(r"\s+", "", text)
+    # "x=5" -> "5" when the left side is a single symbol.
+    text = re.sub(r"^[a-zA-Z]=", "", text)
+    # Shorthand arguments: "\frac12" -> "\frac{1}{2}", "\sqrt2" -> "\sqrt{2}".
+    text = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", text)
+    text = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", text)
+    text = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", text)
+    # Plain integer ratios "1/2" -> "\frac{1}{2}"; ".5" -> "0.5"; "2.0" -> "2".
+    text = re.sub(r"^(-?\d+)/(\d+)$", r"\\frac{\1}{\2}", text)
+    text = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", text)
+    text = re.sub(r"^(-?\d+)\.0+$", r"\1", text)
+    return text.rstrip(".")
+
+
+def math_equal(predicted: str | None, reference: str) -> bool:
+    """Equal after ``normalize_math``, or numerically equal when both are plain numbers."""
+    if predicted is None:
+        return False
+    a, b = normalize_math(predicted), normalize_math(reference)
+    return a == b or (parse_number(a) is not None and numbers_equal(a, b))
+
+
+class MATH(Benchmark):
+    """Competition math (MATH-500 fields: problem, answer or a solution with ``\\boxed{}``)."""
+
+    name = "math"
+
+    def messages(self, problem: dict) -> list[dict[str, str]]:
+        return [{"role": "user", "content": f"{problem['problem']}\n{STEP_BY_STEP}"}]
+
+    def score(self, problem: dict, response: str) -> bool:
+        reference = problem.get("answer") or extract_boxed(problem.get("solution", ""))
+        if reference is None:
+            raise ValueError(
+                "MATH problem without 'answer' or boxed 'solution'; check benchmark.path"
+            )
+        return math_equal(extract_boxed(response), reference)

@@ -1,0 +1,76 @@
+"""Config validation at compose time: every check here runs before anything is loaded.
+
+Each failure is one line that names the key to fix.
+"""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
+
+from src.model import is_local_path, package_path
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which key to change and how."""
+
+
+def validate_diffusion(diffusion: DictConfig, seq_len: int | None = None) -> None:
+    block_size = diffusion.block_size
+    if block_size < 1:
+        raise ConfigError(f"diffusion.block_size={block_size} must be >= 1")
+    if seq_len is not None and seq_len % block_size:
+        raise ConfigError(
+            f"data.seq_len={seq_len} is not a multiple of diffusion.block_size={block_size}: "
+            f"use e.g. data.seq_len={max(1, seq_len // block_size) * block_size}"
+        )
+    if diffusion.objective not in ("block_diffusion", "ar"):
+        raise ConfigError(
+            f"diffusion.objective={diffusion.objective!r}: choose block_diffusion or ar"
+        )
+
+
+def validate_decode(decode: DictConfig) -> None:
+    if decode.block_size < 1:
+        raise ConfigError(f"decode.block_size={decode.block_size} must be >= 1")
+    if decode.sub_block_size < 1 or decode.block_size % decode.sub_block_size:
+        raise ConfigError(
+            f"decode.sub_block_size={decode.sub_block_size} must divide "
+            f"decode.block_size={decode.block_size} (e.g. 4, 8 or 16 for 32)"
+        )
+    if not 0.0 <= decode.threshold <= 1.0:
+        raise ConfigError(
+            f"decode.threshold={decode.threshold} must be in [0, 1] (1.0 = one token per step)"
+        )
+
+
+def validate_model_source(model: DictConfig) -> None:
+    pretrained = model.get("pretrained")
+    if pretrained is None:
+        if model.get("config") is None:
+            raise ConfigError("model.pretrained and model.config are both null: set one")
+        return
+    if is_local_path(pretrained) and not os.path.exists(os.path.expanduser(pretrained)):
+        producer = model.get("produced_by")
+        hint = f": it is made by `{producer}`" if producer else ": set model.pretrained"
+        raise ConfigError(f"model.pretrained={pretrained} does not exist{hint}")
+
+
+def validate_train(cfg: DictConfig) -> None:
+    """All compose-time checks of a training run."""
+    validate_diffusion(cfg.diffusion, cfg.data.seq_len)
+    validate_decode(cfg.decode)
+    validate_model_source(cfg.model)
+
+
+def require_chat_template(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+    if not tokenizer.chat_template:
+        raise ConfigError(
+            f"the tokenizer of {source} has no chat template, which chat data needs: "
+            "use an instruct model's tokenizer or set tokenizer.chat_template"
+        )
+
+
+OmegaConf.register_new_resolver("package_path", package_path, replace=True)

@@ -1,0 +1,150 @@
+"""The block-diffusion training objective (SPEC section 2) and its AR counterpart.
+
+Shapes: b = batch, v = noisy views, l = context length L, V = vocabulary.
+Labels are *unshifted*: ``labels[i]`` is the token at position i when it is supervised
+(an assistant token), else -100. The token shift is applied here, in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from src.diffusion.masks import block_diffusion_attention
+
+IGNORE_INDEX = -100
+
+
+def sample_masked_positions(
+    labels: Tensor,
+    block_size: int,
+    *,
+    eps: float = 1e-3,
+    complementary: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Which supervised tokens are noised: bool `[b, v, l]`, v = 2 with `complementary`.
+
+    Per block, t ~ U(0, 1) and p = (1 - eps) t + eps; each supervised token of the block is
+    masked independently with probability p. The complementary view masks exactly the
+    supervised tokens the first one keeps, so every supervised token is masked once.
+    """
+    b, l = labels.shape
+    supervised = labels != IGNORE_INDEX  # [b, l]
+    num_blocks = -(-l // block_size)
+    t = torch.rand(b, num_blocks, generator=generator, device=labels.device)
+    p = ((1 - eps) * t + eps).repeat_interleave(block_size, dim=1)[:, :l]  # [b, l]
+    u = torch.rand(b, l, generator=generator, device=labels.device)
+    first = supervised & (u < p)
+    if not complementary:
+        return first[:, None]
+    return torch.stack([first, supervised & ~first], dim=1)  # [b, 2, l]
+
+
+def block_diffusion_logits(
+    model: torch.nn.Module,
+    noisy_ids: Tensor,
+    clean_ids: Tensor,
+    block_size: int,
+    *,
+    shared_clean_stream: bool = True,
+) -> Tensor:
+    """Logits at the noisy positions, unshifted: `[b, l, V]` or `[b, v, l, V]`.
+
+    The model sees ``[x_t view 1, ..., x_t view v, x_0]`` (one clean stream shared by the
+    views) with the same RoPE positions 0..l-1 in every part. With
+    ``shared_clean_stream=False`` each view runs as its own ``[x_t; x_0]`` sequence instead
+    (the official recipe's layout: 4L tokens for two views instead of 3L); both give the
+    same logits, since a view never attends another view.
+    """
+    single_view = noisy_ids.dim() == 2
+    noisy = noisy_ids[:, None] if single_view else noisy_ids  # [b, v, l]
+    b, v, l = noisy.shape
+    if v > 1 and not shared_clean_stream:
+        logits = block_diffusion_logits(
+            model, noisy.reshape(b * v, 1, l), clean_ids.repeat_interleave(v, dim=0), block_size
+        )
+        return logits.view(b, v, l, -1)
+    input_ids = torch.cat([noisy.reshape(b, v * l), clean_ids], dim=1)  # [b, (v+1)l]
+    position_ids = torch.arange(l, device=clean_ids.device).repeat(v + 1).expand(b, -1)
+    mask = _cached_attention(
+        l,
+        block_size,
+        v,
+        model.config._attn_implementation,
+        model.dtype,
+        clean_ids.device,
+    )
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        logits_to_keep=torch.arange(v * l, device=clean_ids.device),
+        use_cache=False,
+    )
+    logits = out.logits.view(b, v, l, -1)  # [b, v, l, V]
+    return logits[:, 0] if single_view else logits
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_attention(l, block_size, v, implementation, dtype, device):  # noqa: ANN001, ANN202
+    # The mask depends only on the shapes: building it each step costs O((3L)^2) for nothing.
+    return block_diffusion_attention(
+        l, block_size, v, implementation=implementation, dtype=dtype, device=device
+    )
+
+
+def shifted_cross_entropy(
+    logits: Tensor, targets: Tensor, selected: Tensor, normaliser: Tensor, *, token_shift: bool
+) -> Tensor:
+    """Summed CE over `selected` target positions divided by `normaliser`.
+
+    With `token_shift`, the logit at position i-1 scores token i (the AR convention, so the
+    pretrained next-token head is reused); without it, the logit at i scores token i.
+    `logits` is `[..., l, V]`; `targets` and `selected` are `[..., l]`.
+    """
+    if token_shift:
+        logits, targets, selected = logits[..., :-1, :], targets[..., 1:], selected[..., 1:]
+    ce = F.cross_entropy(logits[selected].float(), targets[selected], reduction="sum")
+    return ce / normaliser.clamp(min=1)
+
+
+def block_diffusion_loss(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    mask_token_id: int,
+    block_size: int,
+    eps: float = 1e-3,
+    complementary: bool = True,
+    token_shift: bool = True,
+    shared_clean_stream: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Cross-entropy on the masked supervised tokens, over the number of supervised tokens.
+
+    No 1/t weighting and no extra AR term (SPEC section 2).
+    """
+    masked = sample_masked_positions(
+        labels, block_size, eps=eps, complementary=complementary, generator=generator
+    )  # [b, v, l]
+    clean = input_ids[:, None].expand_as(masked)  # [b, v, l]
+    noisy = torch.where(masked, mask_token_id, clean)
+    logits = block_diffusion_logits(
+        model, noisy, input_ids, block_size, shared_clean_stream=shared_clean_stream
+    )  # [b, v, l, V]
+    num_supervised = (labels != IGNORE_INDEX).sum()
+    return shifted_cross_entropy(logits, clean, masked, num_supervised, token_shift=token_shift)
+
+
+def ar_loss(model: torch.nn.Module, input_ids: Tensor, labels: Tensor) -> Tensor:
+    """Plain next-token loss on the supervised tokens (the `objective=ar` control)."""
+    logits = model(input_ids=input_ids, use_cache=False).logits  # [b, l, V]
+    supervised = labels != IGNORE_INDEX
+    return shifted_cross_entropy(
+        logits, input_ids, supervised, supervised[:, 1:].sum(), token_shift=True
+    )

@@ -1,0 +1,132 @@
+"""The LightningModule: an AR-initialised HF causal LM trained with the block-diffusion loss.
+
+The model is built in `configure_model`, so strategies that shard parameters at creation
+(DeepSpeed ZeRO-3) see it being built, and a resumed run rebuilds it before loading weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
+
+from src.diffusion import ar_loss, block_diffusion_loss
+from src.model import MASK_TOKEN, build_model
+
+
+class DiffusionLM(L.LightningModule):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        model: DictConfig | dict[str, Any],
+        diffusion: DictConfig | dict[str, Any],
+        optim: DictConfig | dict[str, Any],
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.model_cfg = _plain(model)
+        self.diffusion = _plain(diffusion)
+        self.optim = _plain(optim)
+        self.seed = seed
+        self.mask_token_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+        self.model: torch.nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        build_kwargs = {k: v for k, v in self.model_cfg.items() if k in _BUILD_KEYS}
+        # from_pretrained returns eval mode; Lightning keeps whatever mode it finds.
+        self.model = build_model(self.tokenizer, **build_kwargs).train()
+
+    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        if self.diffusion["objective"] == "ar":
+            return ar_loss(self.model, batch["input_ids"], batch["labels"])
+        return block_diffusion_loss(
+            self.model,
+            batch["input_ids"],
+            batch["labels"],
+            mask_token_id=self.mask_token_id,
+            block_size=self.diffusion["block_size"],
+            eps=self.diffusion["eps"],
+            complementary=self.diffusion["complementary"],
+            token_shift=self.diffusion["token_shift"],
+            shared_clean_stream=self.diffusion["shared_clean_stream"],
+            generator=generator,
+        )
+
+    def _generator(self, *keys: int) -> torch.Generator:
+        # The noise of a step is a function of (seed, step, batch, rank), not of RNG history:
+        # a resumed run draws exactly the masks the uninterrupted run drew.
+        seed = hash((self.seed, self.global_rank, *keys)) % (2**63)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch, self._generator(0, self.global_step, batch_idx))
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Fixed noise per validation batch, so validation losses compare across steps and runs.
+        loss = self.loss(batch, self._generator(1, batch_idx))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=self.optim["lr"],
+            betas=tuple(self.optim["betas"]),
+            weight_decay=self.optim["weight_decay"],
+        )
+        total = self.trainer.estimated_stepping_batches
+        schedule = warmup_cosine(self.optim["warmup_steps"], total, self.optim["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def export_settings(self) -> dict[str, Any]:
+        """What `diffusion.json` records: decoding must match how the weights were trained."""
+        tok = self.tokenizer
+        return {
+            **self.diffusion,
+            "mask_token": MASK_TOKEN,
+            "mask_token_id": self.mask_token_id,
+            "stop_token": tok.eos_token,
+            "stop_token_id": tok.eos_token_id,
+            "trained_steps": self.global_step,
+            "init": self.model_cfg.get("pretrained") or "scratch",
+        }
+
+
+_BUILD_KEYS = {
+    "pretrained",
+    "config",
+    "gguf_file",
+    "attn_implementation",
+    "dtype",
+    "gradient_checkpointing",
+}
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Any:
+    """LR multiplier: linear warmup, then cosine decay to `min_ratio`."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def _plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)

@@ -1,0 +1,135 @@
+"""Every config in conf/ composes; bad configs fail at compose time with a one-line error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from src.config import ConfigError, validate_decode, validate_diffusion, validate_model_source
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+# The groups `train.yaml` selects from (other entry points have their own config tests).
+GROUPS = sorted(
+    next(iter(d)) for d in OmegaConf.load(CONF / "train.yaml").defaults if isinstance(d, dict)
+)
+GROUPS = [g for g in GROUPS if g not in ("hydra", "experiment")]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{g}={o}" for g in GROUPS for o in options(g)]
+    + [f"experiment={o}" for o in options("experiment")],
+)
+def test_every_config_composes(override):
+    cfg = compose_train(override)
+    assert OmegaConf.to_yaml(cfg)
+
+
+def run_train(*overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "src.train", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_cfg_job_shows_the_resolved_config(experiment):
+    result = run_train(f"experiment={experiment}", "--cfg", "job", "--resolve")
+    assert result.returncode == 0, result.stderr
+    cfg = OmegaConf.create(result.stdout)
+    assert cfg.decode.block_size == cfg.diffusion.block_size
+    assert cfg.data.seq_len % cfg.diffusion.block_size == 0
+
+
+@pytest.mark.parametrize("experiment", ["qwen1_5b", "qwen7b"])
+def test_paper_experiments_carry_the_paper_hyperparameters(experiment):
+    cfg = compose_train(f"experiment={experiment}")
+    lr = {"qwen1_5b": 2e-5, "qwen7b": 1e-5}[experiment]
+    steps = {"qwen1_5b": 6000, "qwen7b": 2500}[experiment]
+    global_batch = (
+        cfg.data.batch_size
+        * cfg.trainer.devices
+        * cfg.trainer.num_nodes
+        * cfg.trainer.accumulate_grad_batches
+    )
+    assert (cfg.optim.lr, cfg.trainer.max_steps, cfg.optim.warmup_steps) == (lr, steps, 500)
+    assert (global_batch, cfg.data.seq_len, cfg.diffusion.block_size) == (256, 2048, 32)
+    assert cfg.trainer.precision == "bf16-mixed"
+
+
+def diffusion(**kw):
+    base = dict(objective="block_diffusion", block_size=32)
+    return OmegaConf.create({**base, **kw})
+
+
+def decode(**kw):
+    base = dict(block_size=32, sub_block_size=8, threshold=0.9)
+    return OmegaConf.create({**base, **kw})
+
+
+@pytest.mark.parametrize(
+    "check,match",
+    [
+        (
+            lambda: validate_diffusion(diffusion(), seq_len=100),
+            "data.seq_len=100 is not a multiple",
+        ),
+        (
+            lambda: validate_diffusion(diffusion(block_size=0)),
+            "diffusion.block_size=0 must be >= 1",
+        ),
+        (lambda: validate_diffusion(diffusion(objective="mdlm")), "choose block_diffusion or ar"),
+        (lambda: validate_decode(decode(sub_block_size=5)), "decode.sub_block_size=5 must divide"),
+        (
+            lambda: validate_decode(decode(threshold=1.5)),
+            r"decode.threshold=1.5 must be in \[0, 1\]",
+        ),
+        (lambda: validate_decode(decode(threshold=-0.1)), "decode.threshold=-0.1"),
+    ],
+)
+def test_bad_values_raise_one_line_errors(check, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        check()
+    assert "\n" not in str(err.value)
+
+
+def test_missing_model_path_names_the_experiment_that_makes_it(tmp_path):
+    model = OmegaConf.create(
+        {
+            "pretrained": str(tmp_path / "nope"),
+            "produced_by": "python -m src.train experiment=tiny_ar",
+        }
+    )
+    with pytest.raises(ConfigError, match="experiment=tiny_ar"):
+        validate_model_source(model)
+
+
+def test_bad_config_fails_before_any_model_is_loaded(tmp_path):
+    result = run_train(f"paths.artifacts_dir={tmp_path}", "data.seq_len=100")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "data.seq_len=100 is not a multiple of diffusion.block_size=32" in last
+    result = run_train(f"paths.artifacts_dir={tmp_path}")  # tiny needs tiny_ar's export
+    assert result.returncode != 0
+    assert "python -m src.train experiment=tiny_ar" in result.stderr.strip().splitlines()[-1]

@@ -1,0 +1,155 @@
+"""End-to-end training through the real entry point (`python -m src.train`), on tiny models."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from src.export import read_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small enough for seconds per run on 2 CPU cores.
+SMALL = [
+    "data.source.n_train=96",
+    "data.source.n_val=16",
+    "data.seq_len=128",
+    "data.batch_size=4",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def run_train(run_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    result = subprocess.run(
+        [sys.executable, "-m", "src.train", f"hydra.run.dir={run_dir}", *SMALL, *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def logged(run_dir: Path, key: str) -> dict[int, float]:
+    """`key` by step, over every CSV version (one per attempt) of a run."""
+    values = {}
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get(key):
+                    values[int(row["step"])] = float(row[key])
+    return values
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    """A real tiny_ar export (a few steps from scratch): the AR-init of the `tiny` family."""
+    art = tmp_path_factory.mktemp("artifacts")
+    run_train(
+        art / "tiny_ar_run",
+        "experiment=tiny_ar",
+        f"paths.artifacts_dir={art}",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+    )
+    return art
+
+
+def test_export_loads_back_with_identical_logits(artifacts):
+    export = artifacts / "tiny_ar"
+    settings = read_settings(str(export))
+    assert settings["objective"] == "ar" and settings["trained_steps"] == 6
+    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    state = torch.load(artifacts / "tiny_ar_run/checkpoints/last.ckpt", weights_only=False)
+    weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    reference = AutoModelForCausalLM.from_config(model.config).eval()
+    reference.load_state_dict(weights)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+def test_tiny_block_diffusion_fine_tune_from_the_ar_export(artifacts, tmp_path):
+    result = run_train(
+        tmp_path,
+        "experiment=tiny",
+        f"paths.artifacts_dir={artifacts}",
+        f"paths.export_dir={tmp_path}/export",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+    )
+    assert f"HF export:   {tmp_path}/export" in result.stdout
+    settings = read_settings(str(tmp_path / "export"))
+    assert settings["objective"] == "block_diffusion" and settings["block_size"] == 32
+    val = logged(tmp_path, "val/loss")
+    assert len(val) == 1 and all(v == v for v in val.values())
+
+
+@pytest.mark.parametrize("experiment", ["qwen1_5b", "qwen7b"])
+def test_fast_dev_run_of_the_paper_experiments_on_a_tiny_model(artifacts, tmp_path, experiment):
+    # Everything of the paper's configs but the weights, the data source and the hardware.
+    run_train(
+        tmp_path,
+        f"experiment={experiment}",
+        f"model.pretrained={artifacts}/tiny_ar",
+        "model.gradient_checkpointing=true",
+        "data=synthetic",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.num_nodes=1",
+        "trainer.accumulate_grad_batches=1",
+        "debug=fdr",
+    )
+
+
+@pytest.mark.slow
+def test_fast_dev_run_smollm2(tmp_path):
+    run_train(tmp_path, "experiment=smollm2", "data.seq_len=128", "data.batch_size=1", "debug=fdr")
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_loss_curve(artifacts, tmp_path):
+    common = [
+        "experiment=tiny",
+        f"paths.artifacts_dir={artifacts}",
+        f"paths.export_dir={tmp_path}/export",
+        "trainer.val_check_interval=4",
+        "callbacks.model_checkpoint.every_n_train_steps=4",
+        # an epoch is 96 / 4 = 24 batches: the stop at step 5 is mid-epoch
+    ]
+    run_train(tmp_path / "straight", *common, "trainer.max_steps=10")
+    run_train(tmp_path / "resumed", *common, "trainer.max_steps=5")
+    run_train(tmp_path / "resumed", *common, "trainer.max_steps=10")  # resumes from last.ckpt
+    straight = logged(tmp_path / "straight", "train/loss")
+    resumed = logged(tmp_path / "resumed", "train/loss")
+    assert sorted(resumed) == sorted(straight) and len(straight) == 10
+    for step in straight:
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(artifacts, tmp_path):
+    run_train(
+        tmp_path,
+        "experiment=tiny",
+        f"paths.artifacts_dir={artifacts}",
+        f"paths.export_dir={tmp_path}/export",
+        "strategy=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+    )
+    assert read_settings(str(tmp_path / "export"))["trained_steps"] == 3
+    assert len(logged(tmp_path, "val/loss")) == 1
