@@ -11,6 +11,7 @@ preempted or killed job started again in the same run directory continues where 
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 from typing import Any
@@ -38,10 +39,13 @@ def build_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
 
 
 def resume_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path=last`: the newest of this run's `last.ckpt` and Lightning's SLURM
+    preemption checkpoints (`hpc_ckpt_*.ckpt`, written on the signal before a requeue)."""
     if cfg.ckpt_path != "last":
         return cfg.ckpt_path
-    last = os.path.join(cfg.paths.ckpt_dir, "last.ckpt")
-    return last if os.path.exists(last) else None
+    candidates = glob.glob(os.path.join(cfg.paths.ckpt_dir, "last.ckpt"))
+    candidates += glob.glob(os.path.join(cfg.trainer.default_root_dir, "hpc_ckpt_*.ckpt"))
+    return max(candidates, key=os.path.getmtime, default=None)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
