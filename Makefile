@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	test -f artifacts/tiny_ar/diffusion.json || $(PY) -m src.train experiment=tiny_ar
 	$(PY) -m src.train experiment=tiny
+	$(PY) -m src.eval ckpt=artifacts/tiny benchmark=synthetic
 
 test: venv
 	$(PY) -m pytest -q
