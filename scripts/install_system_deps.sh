@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # System packages the project needs (Debian/Ubuntu, run as root): bubblewrap gives sandboxed
-# benchmark programs a network namespace and a read-only filesystem (src/sandbox.py).
+# benchmark programs a network namespace and a read-only filesystem (src/sandbox.py);
+# slurm-wlm and munge give the single-node SLURM cluster of scripts/slurm_cluster.sh (tests/test_slurm.py).
 # Usage: sudo scripts/install_system_deps.sh
 set -euo pipefail
 
-packages=(bubblewrap)
+packages=(bubblewrap slurm-wlm munge)
 missing=()
 for package in "${packages[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -9,15 +9,30 @@ one shared clean stream [x_t1; x_t2; x_0] (3L) — timed in interleaved rounds s
 noise hits all three alike. Prints time per step, tokens/s (input tokens of the batch), the
 memory saved for backward (activations; exact and device-independent) and, on CUDA, peak
 allocated memory, with ratios to AR.
+
+    python -m src.bench decode ckpt=artifacts/tiny ar_ckpt=artifacts/tiny_ar_ft
+    python -m src.bench decode ckpt=<export> ar_ckpt=<export> prompts=chats.jsonl limit=20 \
+        thresholds=0.9 sub_block_cache=false batch_sizes=1 decode.sub_block_size=4 out=b.json
+
+`decode`: the same prompts (the built-in synthetic test split, or a jsonl of {"messages",
+optional "answer"} rows), greedy, through the AR baseline (HF `generate` on `ar_ckpt`, and on
+`ckpt` itself as a same-weights speed check) and cached parallel decoding of `ckpt` at each
+threshold x sub-block cache off/on x batch size. Variants run interleaved, chunk by chunk of
+prompts, so machine noise hits them alike. Prints exact-match accuracy, tokens/s, tokens per
+forward (a batched forward counts once) and speedup vs the AR baseline at the same batch size;
+writes the table as JSON to `out` (default ./bench_decode.json).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +41,14 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src.benchmarks import get
 from src.config import validate_train
+from src.decoding import GenerationResult, generate, generate_ar
 from src.diffusion import ar_loss, block_diffusion_loss
+from src.evaluation import GENERATE_KEYS, render_prompts, resolve_decode, score_safely
+from src.export import Export, load_export, read_settings
 from src.model import MASK_TOKEN, build_model
 from src.train import build_tokenizer
 
@@ -145,9 +164,228 @@ def print_train_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+# Options of `bench decode`, with their defaults; `decode.<key>=...` overrides conf/decode.
+DECODE_OPTIONS: dict[str, str | None] = {
+    "ckpt": None,
+    "ar_ckpt": None,
+    "prompts": None,
+    "limit": "64",
+    "thresholds": "1.0,0.9,0.7,0.5",
+    "sub_block_cache": "false,true",
+    "batch_sizes": "1,8",
+    "threads": "1",
+    "out": "bench_decode.json",
+}
+_BOOLS = {"true": True, "false": False}
+
+
+@dataclass
+class DecodeVariant:
+    """One decoding setup of `bench decode` and what it produced over the prompts."""
+
+    name: str
+    export: Export
+    batch_size: int
+    threshold: float | None = None  # None: AR decoding (HF generate)
+    sub_block_cache: bool = False
+    responses: list[str] = field(default_factory=list)
+    tokens: int = 0
+    forwards: int = 0
+    seconds: float = 0.0
+
+    def decode(self, prompts: list[list[int]], decode: dict[str, Any]) -> GenerationResult:
+        settings, model = self.export.settings, self.export.model
+        if self.threshold is None:
+            return generate_ar(
+                model,
+                prompts,
+                stop_token_id=settings["stop_token_id"],
+                max_new_tokens=decode["max_new_tokens"],
+            )
+        kwargs = {k: decode[k] for k in GENERATE_KEYS} | {
+            "threshold": self.threshold,
+            "use_sub_block_cache": self.sub_block_cache,
+            "temperature": 0.0,  # greedy, like the AR baseline
+        }
+        return generate(
+            model,
+            prompts,
+            mask_token_id=settings["mask_token_id"],
+            stop_token_id=settings["stop_token_id"],
+            **kwargs,
+        )
+
+    def run(self, prompts: list[list[int]], decode: dict[str, Any], record: bool = True) -> None:
+        """Decode `prompts` in batches of `batch_size`; `record=False` is a warm-up."""
+        for start in range(0, len(prompts), self.batch_size):
+            result = self.decode(prompts[start : start + self.batch_size], decode)
+            if record:
+                tokenizer = self.export.tokenizer
+                self.responses += tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
+                self.tokens += result.num_tokens
+                self.forwards += result.forwards
+                self.seconds += result.seconds
+
+
+def parse_decode_options(argv: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """`key=value` arguments -> (bench options, decode overrides); one-line errors."""
+    options, overrides = dict(DECODE_OPTIONS), {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ValueError(f"argument {arg!r} is not key=value")
+        if key.startswith("decode."):
+            overrides[key.removeprefix("decode.")] = value
+        elif key in options:
+            options[key] = value
+        else:
+            raise ValueError(f"unknown option {key!r}: use one of {', '.join(DECODE_OPTIONS)}")
+    for key in ("ckpt", "ar_ckpt"):
+        if options[key] is None:
+            raise ValueError(f"pass {key}=<export dir>")
+    try:
+        parsed = {
+            **options,
+            "limit": None if options["limit"] == "null" else int(options["limit"]),
+            "thresholds": [float(t) for t in options["thresholds"].split(",")],
+            "sub_block_cache": [_BOOLS[c.lower()] for c in options["sub_block_cache"].split(",")],
+            "batch_sizes": [int(b) for b in options["batch_sizes"].split(",")],
+            "threads": int(options["threads"]),
+        }
+    except (ValueError, KeyError) as err:
+        raise ValueError(
+            f"bad bench option ({err}): e.g. limit=64 thresholds=1.0,0.9 "
+            "sub_block_cache=false,true batch_sizes=1,8 threads=1"
+        ) from None
+    if min(parsed["batch_sizes"]) < 1 or parsed["threads"] < 1:
+        raise ValueError("batch_sizes and threads must be >= 1")
+    return parsed, overrides
+
+
+def decode_config(overrides: dict[str, str], trained_block_size: int) -> dict[str, Any]:
+    """conf/decode/default.yaml with `decode.*` overrides, block size from the export."""
+    decode = OmegaConf.load(Path(CONF_DIR) / "decode" / "default.yaml")
+    decode.block_size = None
+    decode.merge_with_dotlist([f"{k}={v}" for k, v in overrides.items()])
+    return resolve_decode(decode, trained_block_size)
+
+
+def bench_decode(options: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
+    """Run every variant over the prompts (interleaved) and return the JSON report.
+
+    `options` and decode `overrides` as `parse_decode_options` returns them.
+    """
+    settings = read_settings(options["ckpt"])
+    read_settings(options["ar_ckpt"])
+    if settings.get("mask_token_id") is None:
+        raise ValueError(f"ckpt={options['ckpt']} has no mask token: pass a block-diffusion export")
+    decode = decode_config(overrides, settings["block_size"])
+    benchmark = get("synthetic", path=options["prompts"])
+    problems = benchmark.load(limit=options["limit"])
+    torch.set_num_threads(options["threads"])
+    exports = {name: load_export(options[name]) for name in ("ckpt", "ar_ckpt")}
+    variants = []
+    for b in options["batch_sizes"]:
+        variants += [
+            DecodeVariant(f"ar (ar_ckpt) bs={b}", exports["ar_ckpt"], b),
+            DecodeVariant(f"ar (ckpt) bs={b}", exports["ckpt"], b),
+        ]
+        variants += [
+            DecodeVariant(
+                f"diffusion t={t} cache={'on' if c else 'off'} bs={b}", exports["ckpt"], b, t, c
+            )
+            for t in options["thresholds"]
+            for c in options["sub_block_cache"]
+        ]
+    prompts = {
+        name: [
+            export.tokenizer(text, add_special_tokens=False)["input_ids"]
+            for text in render_prompts(export.tokenizer, benchmark, problems)
+        ]
+        for name, export in exports.items()
+    }
+
+    def prompts_of(variant: DecodeVariant) -> list[list[int]]:
+        return prompts["ckpt" if variant.export is exports["ckpt"] else "ar_ckpt"]
+
+    chunk = max(options["batch_sizes"])
+    for variant in variants:
+        variant.run(prompts_of(variant)[:chunk], decode, record=False)
+    for i, start in enumerate(range(0, len(problems), chunk)):
+        # Rotate the order too, so no variant always runs right after the same neighbour.
+        shift = i % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            variant.run(prompts_of(variant)[start : start + chunk], decode)
+
+    rows = []
+    for variant in variants:
+        scores, _ = score_safely(benchmark, problems, variant.responses)
+        rows.append(
+            {
+                "variant": variant.name,
+                "decoder": "ar" if variant.threshold is None else "diffusion",
+                "threshold": variant.threshold,
+                "sub_block_cache": variant.sub_block_cache,
+                "batch_size": variant.batch_size,
+                "accuracy": sum(scores) / len(scores),
+                "tokens": variant.tokens,
+                "forwards": variant.forwards,
+                "seconds": variant.seconds,
+                "tokens_per_second": variant.tokens / variant.seconds,
+                "tokens_per_forward": variant.tokens / variant.forwards,
+            }
+        )
+    for row in rows:
+        base = next(r for r in rows if r["variant"] == f"ar (ar_ckpt) bs={row['batch_size']}")
+        row["speedup_vs_ar"] = row["tokens_per_second"] / base["tokens_per_second"]
+        row["accuracy_vs_ar"] = row["accuracy"] - base["accuracy"]
+    return {
+        "ckpt": os.path.abspath(options["ckpt"]),
+        "ar_ckpt": os.path.abspath(options["ar_ckpt"]),
+        "prompts": options["prompts"] or "synthetic test split",
+        "num_prompts": len(problems),
+        "decode": decode,
+        "threads": options["threads"],
+        "device": str(exports["ckpt"].model.device),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+def print_decode_table(report: dict[str, Any]) -> None:
+    print(f"{report['num_prompts']} prompts ({report['prompts']}), decode {report['decode']}")
+    header = (
+        f"{'variant':34} {'acc':>6} {'d acc':>6} {'tok/s':>8} {'tok/fwd':>8} {'x AR':>6} "
+        f"{'tokens':>7} {'fwds':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in report["rows"]:
+        print(
+            f"{r['variant']:34} {r['accuracy']:6.3f} {r['accuracy_vs_ar']:+6.3f} "
+            f"{r['tokens_per_second']:8.1f} {r['tokens_per_forward']:8.2f} "
+            f"{r['speedup_vs_ar']:6.2f} {r['tokens']:7d} {r['forwards']:6d}"
+        )
+
+
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("train",):
-        raise SystemExit("usage: python -m src.bench train [hydra overrides] [bench.steps=N]")
+    usage = (
+        "usage: python -m src.bench train [hydra overrides] [bench.steps=N]\n"
+        "       python -m src.bench decode ckpt=<export> ar_ckpt=<AR export> [options]"
+    )
+    if not argv or argv[0] not in ("train", "decode"):
+        raise SystemExit(usage)
+    if argv[0] == "decode":
+        try:
+            options, overrides = parse_decode_options(argv[1:])
+            report = bench_decode(options, overrides)
+        except ValueError as err:  # bad options: one line, before any decoding
+            raise SystemExit(f"error: {err}") from None
+        print_decode_table(report)
+        with open(options["out"], "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {options['out']}")
+        return
     overrides = [a for a in argv[1:] if not a.startswith("bench.")]
     options = dict(
         a.removeprefix("bench.").split("=", 1) for a in argv[1:] if a.startswith("bench.")

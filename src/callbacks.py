@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 
+from src.distributed import gathered_parameters
 from src.export import save_export
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,10 @@ class HFExport(L.Callback):
     def __init__(self, dirpath: str) -> None:
         self.dirpath = dirpath
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        save_export(pl_module.model, pl_module.tokenizer, pl_module.export_settings(), self.dirpath)
-        log.info("HF export written to %s", self.dirpath)
+        # Every rank enters: gathering ZeRO-3 shards is collective (a no-op otherwise).
+        with gathered_parameters(pl_module.model):
+            if trainer.is_global_zero:
+                settings = pl_module.export_settings()
+                save_export(pl_module.model, pl_module.tokenizer, settings, self.dirpath)
+                log.info("HF export written to %s", self.dirpath)

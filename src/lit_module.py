@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from src.diffusion import ar_loss, block_diffusion_loss
+from src.distributed import hf_deepspeed_config
 from src.model import MASK_TOKEN, build_model
 
 
@@ -41,6 +42,10 @@ class DiffusionLM(L.LightningModule):
         if self.model is not None:
             return
         build_kwargs = {k: v for k, v in self.model_cfg.items() if k in _BUILD_KEYS}
+        # Under ZeRO-3 transformers must see the DeepSpeed config while loading, or it fills
+        # empty parameter shards; it holds only a weak reference, so the module keeps it.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        self._hf_deepspeed_config = hf_deepspeed_config(strategy)
         # from_pretrained returns eval mode; Lightning keeps whatever mode it finds.
         self.model = build_model(self.tokenizer, **build_kwargs).train()
 
