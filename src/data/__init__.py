@@ -1,0 +1,1 @@
+"""Data layer: the synthetic corpus and tokenizer, chat SFT rendering/packing, the datamodule."""

@@ -1,0 +1,155 @@
+"""A built-in synthetic instruction corpus that a tiny model learns in minutes on a CPU.
+
+Four task families with multi-token answers (about 20-60 tokens with the synthetic tokenizer),
+each with structure a small transformer can pick up quickly:
+
+- ``arithmetic``: two single-digit additions/subtractions, answered with worked steps;
+- ``sort``: distinct digits sorted ascending, then the smallest and largest;
+- ``reverse``: distinct letters in reverse order, then the first and last;
+- ``template``: an order-confirmation note filled in from a few fields.
+
+Every problem instance is assigned to a split by a stable hash of its user prompt, so the
+splits are disjoint for every seed; the seed only picks which instances are drawn.
+Answers are scored by exact match after whitespace normalisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import string
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+SPLITS = ("train", "validation", "test")
+# Share of hash buckets (out of 100) per split; the rest of a bucket range goes to the next split.
+_SPLIT_BUCKETS = {"train": range(0, 80), "validation": range(80, 90), "test": range(90, 100)}
+
+_NAMES = (
+    "Alice Bob Carol Dave Erin Frank Grace Heidi Ivan Judy "
+    "Kate Leo Mia Nina Oscar Paul Quinn Rosa Sam Tina"
+).split()
+_SHOPS = "Acme Bolt Crest Delta Echo Fjord Globe Harbor Iris Juniper".split()
+_ITEMS = "lamp chair table clock book pen cup plate bag hat box mug fork key map".split()
+_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+_LETTERS = string.ascii_lowercase
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, str]:
+    """Two steps on single digits, the running total kept in 0..18: small, learnable facts."""
+    total = rng.randint(1, 9)
+    terms = [str(total)]
+    steps = []
+    for _ in range(2):
+        operand = rng.randint(1, 9)
+        op = "+" if total - operand < 0 or (total + operand <= 18 and rng.random() < 0.5) else "-"
+        new_total = total + operand if op == "+" else total - operand
+        terms.append(f"{op} {operand}")
+        steps.append(f"{total} {op} {operand} = {new_total}.")
+        total = new_total
+    prompt = f"Compute {' '.join(terms)}"
+    return prompt, f"We go from left to right. {' '.join(steps)} The answer is {total}."
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    # Distinct digits: the next output is the smallest digit above the last one.
+    digits = rng.sample(range(10), rng.randint(4, 6))
+    ordered = sorted(digits)
+    prompt = f"Sort: {' '.join(map(str, digits))}"
+    answer = (
+        f"In ascending order: {', '.join(map(str, ordered))}. "
+        f"The smallest is {ordered[0]} and the largest is {ordered[-1]}."
+    )
+    return prompt, answer
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    # Distinct letters: the next output is the prompt letter before the last one output.
+    letters = rng.sample(_LETTERS, rng.randint(4, 6))
+    prompt = f"Reverse: {' '.join(letters)}"
+    answer = (
+        f"Reversed: {', '.join(reversed(letters))}. "
+        f"The first item was {letters[0]} and the last was {letters[-1]}."
+    )
+    return prompt, answer
+
+
+def _template(rng: random.Random) -> tuple[str, str]:
+    # Every field comes from its own word list, so it can be found by content alone.
+    name, sender = rng.choice(_NAMES), rng.choice(_SHOPS)
+    item, day, count = rng.choice(_ITEMS), rng.choice(_DAYS), rng.randint(2, 9)
+    prompt = f"Note to {name} from {sender}: {count} {item}, {day}"
+    answer = (
+        f"Dear {name}, your {count} {item} order is ready. "
+        f"Please pick it up on {day}. Best wishes, {sender} shop."
+    )
+    return prompt, answer
+
+
+_GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "arithmetic": _arithmetic,
+    "sort": _sort,
+    "reverse": _reverse,
+    "template": _template,
+}
+TASKS: tuple[str, ...] = tuple(_GENERATORS)
+
+
+def split_of(prompt: str) -> str:
+    """The split a prompt belongs to, from a stable hash (independent of seed and process)."""
+    bucket = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % 100
+    return next(name for name, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
+
+
+def generate_split(split: str, n: int, seed: int = 0) -> list[dict]:
+    """`n` items of `split`, task families in round-robin order.
+
+    Each item is ``{"task", "messages": [user, assistant], "answer"}``. Validation and test
+    items are distinct; train items may repeat (the arithmetic family has ~2k instances).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"synthetic-{seed}-{split}")
+    seen: set[str] = set()
+    items = []
+    # Rejection sampling: a draw is kept only if its prompt hashes into `split` (and, for
+    # evaluation splits, is new). Running out of budget means the families hold too few.
+    budget = 200 * n + 1000
+    while len(items) < n:
+        task = TASKS[len(items) % len(TASKS)]
+        prompt, answer = _GENERATORS[task](rng)
+        budget -= 1
+        if budget < 0:
+            raise ValueError(f"could not draw {n} distinct {split!r} items; ask for fewer")
+        if split_of(prompt) != split or (split != "train" and prompt in seen):
+            continue
+        seen.add(prompt)
+        messages = [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": answer},
+        ]
+        items.append({"task": task, "messages": messages, "answer": answer})
+    return items
+
+
+def exact_match(response: str, answer: str) -> bool:
+    """Equality up to whitespace (runs of whitespace collapse, ends are stripped)."""
+    return response.split() == answer.split()
+
+
+def write_jsonl(path: str | Path, items: Iterable[dict]) -> None:
+    """One JSON object per line (the chat jsonl format: each object has ``messages``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Objects of a jsonl file, blank lines skipped."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

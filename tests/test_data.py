@@ -1,0 +1,245 @@
+"""Data layer: synthetic corpus, tokenizer, chat SFT rendering/packing, datamodule."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from src.data.datamodule import ChatDataModule
+from src.data.sft import build_sft_dataset, mask_token_id_of, pack, render_chat
+from src.data.synthetic import (
+    TASKS,
+    exact_match,
+    generate_split,
+    read_jsonl,
+    split_of,
+    write_jsonl,
+)
+from src.data.tokenizer import (
+    IM_END,
+    IM_START,
+    MASK_TOKEN,
+    synthetic_tokenizer,
+    train_tokenizer,
+)
+from src.diffusion.loss import IGNORE_INDEX
+
+SEQ_LEN, BLOCK = 256, 32
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(0)
+
+
+def _supervised_text(tok, labels: list[int]) -> str:
+    return tok.decode([t for t in labels if t != IGNORE_INDEX])
+
+
+def test_generate_split_is_deterministic_per_seed():
+    assert generate_split("train", 40, seed=3) == generate_split("train", 40, seed=3)
+    assert generate_split("train", 40, seed=3) != generate_split("train", 40, seed=4)
+
+
+def test_splits_are_disjoint_and_cover_every_task():
+    prompts = {}
+    for split in ("train", "validation", "test"):
+        items = generate_split(split, 400, seed=0)
+        assert {item["task"] for item in items} == set(TASKS)
+        prompts[split] = {item["messages"][0]["content"] for item in items}
+        if split != "train":
+            assert len(prompts[split]) == 400  # evaluation items are distinct
+        assert all(split_of(p) == split for p in prompts[split])
+    assert not prompts["train"] & prompts["validation"]
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["validation"] & prompts["test"]
+
+
+def test_items_have_chat_shape_and_answers_of_20_to_60_tokens(tok):
+    for item in generate_split("test", 200, seed=1):
+        user, assistant = item["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        assert assistant["content"] == item["answer"]
+        n = len(tok(item["answer"], add_special_tokens=False)["input_ids"])
+        assert 20 <= n <= 60, (item["task"], n)
+
+
+def test_unknown_split_raises():
+    with pytest.raises(ValueError, match="unknown split"):
+        generate_split("dev", 3)
+
+
+def test_exact_match_normalises_whitespace_only():
+    assert exact_match("  Sorted: 1  2\n3 ", "Sorted: 1 2 3")
+    assert not exact_match("Sorted: 1 2 4", "Sorted: 1 2 3")
+    assert not exact_match("sorted: 1 2 3", "Sorted: 1 2 3")
+
+
+def test_jsonl_roundtrip(tmp_path):
+    items = generate_split("validation", 5)
+    write_jsonl(tmp_path / "d" / "v.jsonl", items)
+    assert read_jsonl(tmp_path / "d" / "v.jsonl") == items
+
+
+def test_tokenizer_specials_digits_and_template(tok):
+    assert tok.eos_token == IM_END
+    ids = {t: tok.convert_tokens_to_ids(t) for t in (IM_START, IM_END, MASK_TOKEN, tok.pad_token)}
+    assert len(set(ids.values())) == 4 and None not in ids.values()
+    assert len(tok) <= 400
+    # Every digit of a number is its own token.
+    tokens = tok.convert_ids_to_tokens(tok("x 1234567890", add_special_tokens=False)["input_ids"])
+    assert tokens[-10:] == list("1234567890")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    )
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    text = "Compute 3 + 4. <|im_start|>|<MASK>|"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_tokenizer_training_is_deterministic_and_cached(tmp_path, tok):
+    cached = synthetic_tokenizer(tmp_path, seed=0)
+    assert cached.get_vocab() == tok.get_vocab()
+    assert (tmp_path / "seed0-v384" / "tokenizer.json").exists()
+    reloaded = synthetic_tokenizer(tmp_path, seed=0)
+    assert reloaded.get_vocab() == tok.get_vocab()
+    assert reloaded.chat_template == tok.chat_template
+    assert mask_token_id_of(reloaded) == mask_token_id_of(tok)
+
+
+def test_render_chat_labels_assistant_content_and_stop_only(tok):
+    item = generate_split("train", 1)[0]
+    input_ids, labels = render_chat(tok, item["messages"])
+    assert len(input_ids) == len(labels)
+    assert _supervised_text(tok, labels) == item["answer"] + IM_END
+    # The unsupervised prefix is exactly the prompt with the assistant header.
+    n_prompt = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
+    prompt = tok.apply_chat_template(
+        item["messages"][:1], tokenize=False, add_generation_prompt=True
+    )
+    assert tok.decode(input_ids[:n_prompt]) == prompt
+
+
+def test_render_chat_multi_turn_with_default_system_template():
+    # A Qwen2.5-style template that injects a system prompt: spans must still be found.
+    tok = train_tokenizer(0)
+    tok.chat_template = (
+        "{%- if messages[0]['role'] != 'system' %}"
+        "{{- '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{%- endif %}"
+        "{%- for m in messages %}"
+        "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    messages = [
+        {"role": "user", "content": "Reverse the list: a, b"},
+        {"role": "assistant", "content": "Reversed: b, a"},
+        {"role": "user", "content": "Again"},
+        {"role": "assistant", "content": "Reversed: a, b"},
+    ]
+    _, labels = render_chat(tok, messages)
+    assert _supervised_text(tok, labels) == f"Reversed: b, a{IM_END}Reversed: a, b{IM_END}"
+
+
+def test_missing_chat_template_raises(tok):
+    bare = train_tokenizer(0)
+    bare.chat_template = None
+    messages = generate_split("train", 1)[0]["messages"]
+    with pytest.raises(ValueError, match="chat_template"):
+        render_chat(bare, messages)
+    with pytest.raises(ValueError, match="chat_template"):
+        build_sft_dataset(bare, [{"messages": messages}], SEQ_LEN, BLOCK)
+
+
+def test_seq_len_must_be_a_multiple_of_block_size(tok):
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        build_sft_dataset(tok, generate_split("train", 2), 100, BLOCK)
+
+
+@pytest.mark.parametrize("pad_to_block", [True, False])
+def test_packed_contexts(tok, pad_to_block):
+    items = generate_split("train", 60, seed=2)
+    data = build_sft_dataset(tok, items, SEQ_LEN, BLOCK, pad_to_block=pad_to_block)
+    mask_id, start_id = mask_token_id_of(tok), tok.convert_tokens_to_ids(IM_START)
+    supervised, starts, n_mask = [], [], 0
+    for input_ids, labels in zip(data["input_ids"], data["labels"], strict=True):
+        assert len(input_ids) == len(labels) == SEQ_LEN
+        # Padding / tails hold the mask id and are never supervised.
+        assert tok.pad_token_id not in input_ids
+        assert all(
+            t == IGNORE_INDEX for t, i in zip(labels, input_ids, strict=True) if i == mask_id
+        )
+        n_mask += input_ids.count(mask_id)
+        starts += [p for p, i in enumerate(input_ids) if i == start_id][::2]  # user headers
+        supervised.append(_supervised_text(tok, labels))
+    rendered = sum(len(render_chat(tok, item["messages"])[0]) for item in items)
+    assert n_mask == SEQ_LEN * len(data) - rendered
+    assert len(starts) == len(items)
+    # With padding every sample starts a block; without, some sample starts mid-block.
+    assert all(p % BLOCK == 0 for p in starts) == pad_to_block
+    # Every answer is supervised once, in order, followed by its stop token.
+    assert "".join(supervised) == "".join(item["answer"] + IM_END for item in items)
+
+
+def test_pack_truncates_and_drops_with_counts():
+    seq, block, mask = 8, 4, 99
+    samples = [
+        ([], []),  # empty -> dropped
+        (list(range(10)), [1, 2] + [IGNORE_INDEX] * 8),  # too long, labels survive the cut
+        (list(range(10)), [IGNORE_INDEX] * 9 + [5]),  # too long, labels cut away -> dropped
+        ([7, 8, 9], [IGNORE_INDEX, 8, 9]),  # padded to 4 tokens
+        ([4, 5, 6, 7, 8], [IGNORE_INDEX, 5, 6, 7, 8]),  # padded to 8: does not fit -> new context
+    ]
+    contexts, stats = pack(samples, seq, block, pad_to_block=True, mask_token_id=mask)
+    assert (stats.samples, stats.packed, stats.truncated) == (5, 3, 2)
+    assert (stats.dropped_empty, stats.dropped_unsupervised, stats.contexts) == (1, 1, 3)
+    assert contexts["input_ids"] == [
+        list(range(8)),
+        [7, 8, 9, mask, mask, mask, mask, mask],
+        [4, 5, 6, 7, 8, mask, mask, mask],
+    ]
+    assert contexts["labels"][1] == [IGNORE_INDEX, 8, 9] + [IGNORE_INDEX] * 5
+
+
+def test_build_drops_empty_assistant_turns(tok, caplog):
+    items = generate_split("train", 3)
+    empty = {"messages": [items[0]["messages"][0], {"role": "assistant", "content": " "}]}
+    with caplog.at_level(logging.INFO, logger="src.data.sft"):
+        data = build_sft_dataset(tok, [empty, *items], SEQ_LEN, BLOCK)
+    assert "dropped 1 empty" in caplog.text
+    text = "".join(_supervised_text(tok, labels) for labels in data["labels"])
+    assert text == "".join(item["answer"] + IM_END for item in items)
+
+
+def test_datamodule_batches_and_deterministic_shuffle(tok, tmp_path):
+    source = {"kind": "synthetic", "n_train": 40, "n_val": 8, "n_test": 4, "seed": 0}
+    orders = []
+    for _ in range(2):
+        dm = ChatDataModule(tok, source, SEQ_LEN, BLOCK, pad_to_block=True, batch_size=4)
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        assert set(batch) == {"input_ids", "labels"}
+        assert batch["input_ids"].shape == batch["labels"].shape == (4, SEQ_LEN)
+        assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+        orders.append(batch["input_ids"])
+        val = next(iter(dm.val_dataloader()))
+        assert val["input_ids"].shape[1] == SEQ_LEN
+    assert torch.equal(orders[0], orders[1])
+    test_items = dm.test_items()
+    assert test_items == generate_split("test", 4, seed=0)
+
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": i["messages"]} for i in test_items])
+    write_jsonl(tmp_path / "test.jsonl", [{"messages": i["messages"]} for i in test_items])
+    source = {
+        "kind": "jsonl",
+        "train": str(tmp_path / "train.jsonl"),
+        "test": str(tmp_path / "test.jsonl"),
+    }
+    dm = ChatDataModule(tok, source, SEQ_LEN, BLOCK, batch_size=2)
+    assert [i["answer"] for i in dm.test_items()] == [i["answer"] for i in test_items]
+    with pytest.raises(ValueError, match="validation"):
+        dm.setup("fit")
