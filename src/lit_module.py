@@ -11,7 +11,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from src.diffusion import ar_loss, block_diffusion_loss
@@ -23,17 +22,15 @@ class DiffusionLM(L.LightningModule):
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        model: DictConfig | dict[str, Any],
-        diffusion: DictConfig | dict[str, Any],
-        optim: DictConfig | dict[str, Any],
+        model: dict[str, Any],
+        diffusion: dict[str, Any],
+        optim: dict[str, Any],
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
-        self.model_cfg = _plain(model)
-        self.diffusion = _plain(diffusion)
-        self.optim = _plain(optim)
+        self.model_cfg, self.diffusion, self.optim = dict(model), dict(diffusion), dict(optim)
         self.seed = seed
         self.mask_token_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
         self.model: torch.nn.Module | None = None
@@ -72,7 +69,11 @@ class DiffusionLM(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self._generator(0, self.global_step, batch_idx))
+        # batch_idx is not stable across a mid-epoch restore (Lightning may renumber the
+        # resumed epoch's batches), so the noise is keyed by the optimizer step and the
+        # micro-batch within it.
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
+        loss = self.loss(batch, self._generator(0, self.global_step, micro_batch))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -131,7 +132,3 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Any:
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return multiplier
-
-
-def _plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)

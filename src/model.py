@@ -22,9 +22,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-log = logging.getLogger(__name__)
+from src.data.tokenizer import MASK_TOKEN
 
-MASK_TOKEN = "|<MASK>|"
+log = logging.getLogger(__name__)
 
 
 def package_path(package: str) -> str:

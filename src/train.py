@@ -19,7 +19,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from src.config import ConfigError, require_chat_template, validate_train
@@ -54,7 +54,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = build_tokenizer(cfg.model)
     require_chat_template(tokenizer, cfg.model.get("pretrained") or "the scratch tokenizer")
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    module = DiffusionLM(tokenizer, cfg.model, cfg.diffusion, cfg.optim, seed=cfg.seed)
+    # Plain containers: checkpoints then hold no OmegaConf objects and load with weights_only.
+    plain = {
+        k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "diffusion", "optim")
+    }
+    module = DiffusionLM(tokenizer, **plain, seed=cfg.seed)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

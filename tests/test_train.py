@@ -2,68 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from src.export import read_settings
-
-ROOT = Path(__file__).resolve().parents[1]
-# Small enough for seconds per run on 2 CPU cores.
-SMALL = [
-    "data.source.n_train=96",
-    "data.source.n_val=16",
-    "data.seq_len=128",
-    "data.batch_size=4",
-    "trainer.limit_val_batches=1",
-    "trainer.log_every_n_steps=1",
-]
-
-
-def run_train(run_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    result = subprocess.run(
-        [sys.executable, "-m", "src.train", f"hydra.run.dir={run_dir}", *SMALL, *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def logged(run_dir: Path, key: str) -> dict[int, float]:
-    """`key` by step, over every CSV version (one per attempt) of a run."""
-    values = {}
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                if row.get(key):
-                    values[int(row["step"])] = float(row[key])
-    return values
-
-
-@pytest.fixture(scope="session")
-def artifacts(tmp_path_factory) -> Path:
-    """A real tiny_ar export (a few steps from scratch): the AR-init of the `tiny` family."""
-    art = tmp_path_factory.mktemp("artifacts")
-    run_train(
-        art / "tiny_ar_run",
-        "experiment=tiny_ar",
-        f"paths.artifacts_dir={art}",
-        "trainer.max_steps=6",
-        "trainer.val_check_interval=3",
-        "callbacks.model_checkpoint.every_n_train_steps=3",
-    )
-    return art
+from tests.conftest import logged, run_train
 
 
 def test_export_loads_back_with_identical_logits(artifacts):
@@ -71,7 +15,8 @@ def test_export_loads_back_with_identical_logits(artifacts):
     settings = read_settings(str(export))
     assert settings["objective"] == "ar" and settings["trained_steps"] == 6
     model = AutoModelForCausalLM.from_pretrained(export).eval()
-    state = torch.load(artifacts / "tiny_ar_run/checkpoints/last.ckpt", weights_only=False)
+    # weights_only: a checkpoint holds no pickled config objects (safe to load by default).
+    state = torch.load(artifacts / "tiny_ar_run/checkpoints/last.ckpt", weights_only=True)
     weights = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
     reference = AutoModelForCausalLM.from_config(model.config).eval()
     reference.load_state_dict(weights)

@@ -20,24 +20,46 @@ from src.data.sft import (
 )
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order.
+class ResumableShuffleSampler(Sampler[int]):
+    """This rank's share of a (seed, epoch) permutation, in whole batches, from `skip_batches` on.
 
-    Lightning calls `set_epoch` on samplers that have it at the start of every epoch.
+    The order depends only on (seed, epoch, rank), and a resumed run skips the batches the
+    interrupted run already consumed in its epoch, so it sees exactly the batches the
+    uninterrupted run saw. Ranks take strided shares of the permutation themselves (the trainer
+    runs with `use_distributed_sampler=False`). `__len__` is the whole epoch, as Lightning
+    counts a resumed epoch's batches from where it stopped.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(
+        self, size: int, seed: int, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.size, self.seed, self.batch_size = size, seed, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.num_batches = size // (batch_size * world_size)  # per rank, whole batches only
+        if self.num_batches == 0:
+            raise ValueError(
+                f"{size} training contexts are fewer than one batch per rank "
+                f"({batch_size} x {world_size}): lower data.batch_size or add data"
+            )
+        self.epoch, self.skip_batches = 0, 0
+
+    def resume_at(self, consumed_batches: int) -> None:
+        self.epoch, self.skip_batches = divmod(consumed_batches, self.num_batches)
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip_batches = 0
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator)
+        used = self.num_batches * self.batch_size * self.world_size
+        mine = order[self.rank : used : self.world_size]
+        return iter(mine[self.skip_batches * self.batch_size :].tolist())
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_batches * self.batch_size
 
 
 class ChatDataModule(L.LightningDataModule):
@@ -89,10 +111,22 @@ class ChatDataModule(L.LightningDataModule):
             self.val_dataset = self._build("validation")
 
     def train_dataloader(self) -> DataLoader:
+        # Lightning asks for the loader after restoring a checkpoint: global_step is the
+        # resumed one, so the sampler can skip what was already trained on.
+        trainer = self.trainer
+        sampler = ResumableShuffleSampler(
+            len(self.train_dataset),
+            self.seed,
+            self.batch_size,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+        )
+        if trainer is not None:
+            sampler.resume_at(trainer.global_step * trainer.accumulate_grad_batches)
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(self.train_dataset), self.seed),
+            sampler=sampler,
             num_workers=self.num_workers,
         )
 
