@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 
+import torch
+from hydra.utils import get_class
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
@@ -58,11 +61,32 @@ def validate_model_source(model: DictConfig) -> None:
         raise ConfigError(f"model.pretrained={pretrained} does not exist{hint}")
 
 
+def is_deepspeed(strategy: DictConfig | str | None) -> bool:
+    """Whether a `trainer.strategy` config selects Lightning's DeepSpeedStrategy."""
+    if isinstance(strategy, str):
+        return strategy.startswith("deepspeed")
+    if strategy is None or "_target_" not in strategy:
+        return False
+    return issubclass(get_class(strategy._target_), DeepSpeedStrategy)
+
+
+def validate_strategy(trainer: DictConfig) -> None:
+    """DeepSpeed needs CUDA: Lightning refuses it on CPU, but only after loading everything."""
+    if not is_deepspeed(trainer.strategy):
+        return
+    if trainer.accelerator == "cpu" or not torch.cuda.is_available():
+        raise ConfigError(
+            f"a DeepSpeed strategy needs CUDA GPUs (accelerator={trainer.accelerator}, "
+            f"CUDA available: {torch.cuda.is_available()}): use strategy=ddp on CPU"
+        )
+
+
 def validate_train(cfg: DictConfig) -> None:
     """All compose-time checks of a training run."""
     validate_diffusion(cfg.diffusion, cfg.data.seq_len)
     validate_decode(cfg.decode)
     validate_model_source(cfg.model)
+    validate_strategy(cfg.trainer)
 
 
 def require_chat_template(tokenizer: PreTrainedTokenizerBase, source: str) -> None:

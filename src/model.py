@@ -77,7 +77,8 @@ def build_model(
         model_config = AutoConfig.for_model(**_scratch_config(config or {}, tokenizer))
         model_config._attn_implementation = attn_implementation
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch_dtype)
-    rows = model.get_input_embeddings().weight.shape[0]
+    # num_embeddings, not weight.shape: a ZeRO-3 shard has an empty weight.
+    rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         log.info("resizing embeddings %d -> %d for the mask token", rows, len(tokenizer))
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)

@@ -43,10 +43,12 @@ def test_tiny_block_diffusion_fine_tune_from_the_ar_export(artifacts, tmp_path):
 
 @pytest.mark.parametrize("experiment", ["qwen1_5b", "qwen7b"])
 def test_fast_dev_run_of_the_paper_experiments_on_a_tiny_model(artifacts, tmp_path, experiment):
-    # Everything of the paper's configs but the weights, the data source and the hardware.
+    # Everything of the paper's configs but the weights, the data source and the hardware
+    # (DeepSpeed needs CUDA: its configs run under raw DeepSpeed in test_deepspeed.py).
     run_train(
         tmp_path,
         f"experiment={experiment}",
+        "strategy=ddp",
         f"model.pretrained={artifacts}/tiny_ar",
         "model.gradient_checkpointing=true",
         "data=synthetic",

@@ -1,0 +1,196 @@
+"""DeepSpeed ZeRO: the config a strategy hands to DeepSpeed, ZeRO-3-aware model creation, and
+HF export from a (sharded) ZeRO checkpoint.
+
+    python -m src.distributed CHECKPOINT EXPORT_DIR   # a ZeRO checkpoint -> HF export
+
+CHECKPOINT is the folder Lightning's DeepSpeedStrategy writes per checkpoint (e.g.
+`checkpoints/last.ckpt/`). The model and tokenizer are rebuilt from the run's hyperparameters
+saved in it, then the consolidated fp32 weights are loaded and written with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import glob
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.integrations import HfDeepSpeedConfig
+
+from src.config import is_deepspeed
+from src.export import save_export
+
+log = logging.getLogger(__name__)
+
+# Prefixes between a ZeRO checkpoint's parameter names and the HF model's: Lightning's old
+# module wrapper, then the `DiffusionLM.model` attribute.
+_CHECKPOINT_PREFIXES = ("_forward_module.", "model.")
+
+
+def deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
+    """The DeepSpeed config dict the run's strategy passes to `deepspeed.initialize`.
+
+    The strategy's own config plus what Lightning's `DeepSpeedStrategy.setup` adds from the
+    trainer and data config: micro-batch size, gradient accumulation, clipping, precision.
+    """
+    from lightning.fabric.strategies.deepspeed import _format_precision_config
+
+    if not is_deepspeed(cfg.trainer.strategy):
+        raise ValueError(
+            f"trainer.strategy is not DeepSpeed: choose strategy=deepspeed_zero2, "
+            f"deepspeed_zero3 or deepspeed_zero3_offload (got {cfg.trainer.strategy})"
+        )
+    strategy: DeepSpeedStrategy = instantiate(cfg.trainer.strategy)
+    config = copy.deepcopy(strategy.config)
+    config["gradient_accumulation_steps"] = cfg.trainer.accumulate_grad_batches
+    config.setdefault("train_micro_batch_size_per_gpu", cfg.data.batch_size)
+    config.setdefault("gradient_clipping", cfg.trainer.gradient_clip_val or 0.0)
+    _format_precision_config(
+        config=config,
+        precision=cfg.trainer.precision,
+        loss_scale=strategy.loss_scale,
+        loss_scale_window=strategy.loss_scale_window,
+        min_loss_scale=strategy.min_loss_scale,
+        initial_scale_power=strategy.initial_scale_power,
+        hysteresis=strategy.hysteresis,
+    )
+    return config
+
+
+def zero_stage(ds_config: dict[str, Any] | None) -> int:
+    return (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+
+
+def hf_deepspeed_config(strategy: object) -> HfDeepSpeedConfig | None:
+    """What transformers must hold while a model is created under ZeRO-3, else None.
+
+    Lightning creates the model inside `deepspeed.zero.Init`, which partitions every parameter
+    as it is made. `from_pretrained` loads into those shards (gathering each one) only while an
+    `HfDeepSpeedConfig` is alive; without it the parameters have shape [0] and loading fails
+    with size mismatches. transformers keeps only a weak reference: hold the returned object
+    for as long as the model lives.
+    """
+    if not isinstance(strategy, DeepSpeedStrategy) or zero_stage(strategy.config) != 3:
+        return None
+    return HfDeepSpeedConfig(strategy.config)
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether the parameters are ZeRO-3 shards (each rank holds a slice, `.data` is empty)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def gathered_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Full parameters on every rank inside the block (collective under ZeRO-3: all ranks
+    must enter); a no-op for a model that is not partitioned."""
+    if not is_partitioned(model):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield
+
+
+def zero_checkpoint_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[str, Any]:
+    """Consolidated fp32 weights of a ZeRO (stage 1-3) checkpoint, with HF parameter names.
+
+    Tied weights appear under every name they have (zero_to_fp32 restores shared params).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not os.path.isdir(checkpoint_dir):
+        raise ValueError(
+            f"{checkpoint_dir} is not a DeepSpeed checkpoint folder: pass the folder Lightning's "
+            "DeepSpeedStrategy wrote, e.g. checkpoints/last.ckpt"
+        )
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    return {_hf_name(k): v for k, v in state.items()}
+
+
+def _hf_name(name: str) -> str:
+    for prefix in _CHECKPOINT_PREFIXES:
+        name = name.removeprefix(prefix)
+    return name
+
+
+def export_zero_checkpoint(
+    checkpoint_dir: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: dict[str, Any],
+    path: str,
+    *,
+    tag: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """Load a ZeRO checkpoint's consolidated weights into `model` (same architecture, any
+    device, meta included) and write the HF export. `dtype`: e.g. torch.bfloat16 for the
+    weights the bf16 run computed with; default fp32 (the optimizer's master weights)."""
+    state = zero_checkpoint_state_dict(checkpoint_dir, tag)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    save_export(model, tokenizer, settings, path)
+    return model
+
+
+def _checkpoint_client_state(checkpoint_dir: str, tag: str | None) -> dict[str, Any]:
+    """What Lightning stored next to the weights (hyperparameters, global step, ...)."""
+    if tag is None:
+        with open(os.path.join(checkpoint_dir, "latest")) as f:
+            tag = f.read().strip()
+    # `mp_rank_00_model_states.pt`, or `zero_pp_rank_0_mp_rank_00_model_states.pt` (ZeRO-3).
+    files = sorted(glob.glob(os.path.join(checkpoint_dir, tag, "*mp_rank_00_model_states.pt")))
+    if not files:
+        raise ValueError(f"{checkpoint_dir}/{tag} holds no DeepSpeed model states file")
+    return torch.load(files[0], map_location="cpu", weights_only=False)
+
+
+def export_lightning_zero_checkpoint(
+    checkpoint_dir: str, path: str, tag: str | None = None
+) -> None:
+    """HF export of a Lightning DeepSpeed checkpoint of `DiffusionLM`, rebuilt from the run's
+    saved hyperparameters (the model's pretrained source must still be reachable)."""
+    from src.lit_module import DiffusionLM
+    from src.train import build_tokenizer
+
+    client = _checkpoint_client_state(checkpoint_dir, tag)
+    hparams = client["hyper_parameters"]
+    tokenizer = build_tokenizer(OmegaConf.create(hparams["model"]))
+    module = DiffusionLM(tokenizer, **hparams)
+    module.configure_model()
+    settings = {**module.export_settings(), "trained_steps": client["global_step"]}
+    export_zero_checkpoint(checkpoint_dir, module.model, tokenizer, settings, path, tag=tag)
+    log.info("HF export of %s written to %s", checkpoint_dir, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "checkpoint", help="a DeepSpeed checkpoint folder, e.g. checkpoints/last.ckpt"
+    )
+    parser.add_argument("export_dir", help="where to write the HF export")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the `latest` file)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    try:
+        export_lightning_zero_checkpoint(args.checkpoint, args.export_dir, args.tag)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
