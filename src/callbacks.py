@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import threading
 
 import lightning as L
 
@@ -25,3 +29,57 @@ class HFExport(L.Callback):
                 settings = pl_module.export_settings()
                 save_export(pl_module.model, pl_module.tokenizer, settings, self.dirpath)
                 log.info("HF export written to %s", self.dirpath)
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SLURM's pre-timeout signal: checkpoint at the next step boundary, then requeue.
+
+    Lightning's own handler saves from inside the signal handler, wherever the loop happens to
+    be, so the loop counters saved can be one step off the weights and a resumed run diverges.
+    This one only records the signal; the checkpoint is written at the end of a training batch,
+    where a periodic checkpoint would be, so the requeued job (same run directory,
+    `ckpt_path=last`) resumes exactly. Outside SLURM it checkpoints and stops the fit.
+    """
+
+    FILENAME = "preempted.ckpt"
+
+    def __init__(self, dirpath: str, signal_name: str = "SIGUSR1") -> None:
+        self.dirpath = dirpath
+        self.signum = getattr(signal, signal_name)
+        self.signalled = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Registered after Lightning's signal connector, so it replaces its SLURM handler;
+        # Lightning restores the original handlers at teardown.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(self.signum, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.signalled = True
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object
+    ) -> None:
+        # Ranks may get the signal at different batches: they agree before anyone saves.
+        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            return
+        self.signalled = False
+        path = os.path.join(self.dirpath, self.FILENAME)
+        trainer.save_checkpoint(path)
+        job_id = slurm_job_id()
+        if job_id is None:
+            log.warning("signal %d: checkpoint %s written, stopping", self.signum, path)
+            trainer.should_stop = True
+        elif trainer.is_global_zero:
+            log.warning(
+                "signal %d: checkpoint %s written, requeueing job %s", self.signum, path, job_id
+            )
+            subprocess.run(["scontrol", "requeue", job_id], check=True)
+
+
+def slurm_job_id() -> str | None:
+    """The id `scontrol requeue` takes: `<array job>_<task>` for array tasks (Hydra multiruns)."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")

@@ -11,7 +11,6 @@ preempted or killed job started again in the same run directory continues where 
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from typing import Any
@@ -22,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from src.callbacks import PreemptionCheckpoint
 from src.config import ConfigError, require_chat_template, validate_train
 from src.lit_module import DiffusionLM
 from src.model import ensure_mask_token, load_tokenizer
@@ -39,13 +39,13 @@ def build_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
 
 
 def resume_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path=last`: the newest of this run's `last.ckpt` and Lightning's SLURM
-    preemption checkpoints (`hpc_ckpt_*.ckpt`, written on the signal before a requeue)."""
+    """`ckpt_path=last`: the newest of this run's `last.ckpt` and the checkpoint written when
+    SLURM signalled a preemption (`PreemptionCheckpoint`)."""
     if cfg.ckpt_path != "last":
         return cfg.ckpt_path
-    candidates = glob.glob(os.path.join(cfg.paths.ckpt_dir, "last.ckpt"))
-    candidates += glob.glob(os.path.join(cfg.trainer.default_root_dir, "hpc_ckpt_*.ckpt"))
-    return max(candidates, key=os.path.getmtime, default=None)
+    names = ("last.ckpt", PreemptionCheckpoint.FILENAME)
+    candidates = [os.path.join(cfg.paths.ckpt_dir, name) for name in names]
+    return max(filter(os.path.exists, candidates), key=os.path.getmtime, default=None)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 The cluster tests submit the tiny experiment through `hydra/launcher=slurm` exactly as a user
 would, then preempt jobs mid-training in both ways SLURM does it: the pre-timeout signal
-(SIGUSR1, which Lightning answers with an hpc checkpoint and `scontrol requeue`) and a hard
+(SIGUSR1: `PreemptionCheckpoint` checkpoints at the next step boundary and requeues) and a hard
 `scontrol requeue` (the job is killed and resumes from its last periodic checkpoint).
 Without slurmdbd submitit reads job states as UNKNOWN, so results are checked, not states.
 """
@@ -222,9 +222,10 @@ def test_preempted_jobs_resume_to_the_same_final_loss(cluster, artifacts, straig
     run.wait()
 
     reference = logged(straight.dir / "0", "train/loss")
-    assert list((run.dir / "0").glob("hpc_ckpt_*.ckpt")), "no checkpoint on SIGUSR1"
-    job_log = (run.dir / ".submitit" / run.job_id(0) / f"{run.job_id(0)}_0_log.err").read_text()
-    assert "Requeued SLURM job" in job_log
+    assert (run.dir / "0/checkpoints/preempted.ckpt").exists(), "no checkpoint on SIGUSR1"
+    logs = run.dir / ".submitit" / run.job_id(0)
+    job_log = "".join(p.read_text() for p in logs.glob(f"{run.job_id(0)}_0_log.*"))
+    assert f"requeueing job {run.job_id(0)}" in job_log
     for num in (0, 1):
         assert len(list((run.dir / str(num)).glob("csv/version_*"))) == 2  # two attempts
         resumed = logged(run.dir / str(num), "train/loss")
