@@ -44,10 +44,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.benchmarks import get
-from src.config import validate_train
+from src.config import GENERATE_KEYS, resolve_decode, validate_train
 from src.decoding import GenerationResult, generate, generate_ar
 from src.diffusion import ar_loss, block_diffusion_loss
-from src.evaluation import GENERATE_KEYS, render_prompts, resolve_decode, score_safely
+from src.evaluation import render_prompts, score_safely
 from src.export import Export, load_export, read_settings
 from src.model import MASK_TOKEN, build_model
 from src.train import build_tokenizer

@@ -6,6 +6,8 @@ Each failure is one line that names the key to fix.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from hydra.utils import get_class
@@ -47,6 +49,42 @@ def validate_decode(decode: DictConfig) -> None:
         raise ConfigError(
             f"decode.threshold={decode.threshold} must be in [0, 1] (1.0 = one token per step)"
         )
+
+
+DECODERS = ("diffusion", "ar")
+# The keys of a decode config that `generate` takes.
+GENERATE_KEYS = (
+    "block_size",
+    "sub_block_size",
+    "threshold",
+    "max_new_tokens",
+    "use_sub_block_cache",
+    "temperature",
+    "top_p",
+)
+
+
+def resolve_decode(decode: Mapping[str, Any], trained_block_size: int) -> dict[str, Any]:
+    """The decode config as a plain dict, `block_size` defaulting to the trained one.
+
+    SPEC section 3: decoding with another block size than the trained one hurts, so an
+    explicit mismatch is an error unless `allow_block_size_mismatch` (the Table 4 ablation).
+    """
+    decode = (
+        dict(OmegaConf.to_container(decode, resolve=True))
+        if isinstance(decode, DictConfig)
+        else dict(decode)
+    )
+    decode.setdefault("allow_block_size_mismatch", False)
+    if decode.get("block_size") is None:
+        decode["block_size"] = trained_block_size
+    elif decode["block_size"] != trained_block_size and not decode["allow_block_size_mismatch"]:
+        raise ConfigError(
+            f"decode.block_size={decode['block_size']} differs from the trained block size "
+            f"{trained_block_size}: drop it, or set decode.allow_block_size_mismatch=true"
+        )
+    validate_decode(OmegaConf.create(decode))
+    return decode
 
 
 def validate_model_source(model: DictConfig) -> None:

@@ -27,8 +27,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.benchmarks import get
-from src.config import ConfigError
-from src.evaluation import DECODERS, Evaluation, evaluate, metric_name, resolve_decode
+from src.config import DECODERS, ConfigError, resolve_decode
+from src.evaluation import Evaluation, evaluate, metric_name
 from src.export import load_export, read_settings
 
 log = logging.getLogger(__name__)

@@ -26,48 +26,18 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from src.benchmarks import Benchmark
-from src.config import ConfigError, validate_decode
+from src.config import DECODERS, GENERATE_KEYS, resolve_decode
 from src.decoding import generate, generate_ar
 from src.distributed import gathered_parameters
 
 log = logging.getLogger(__name__)
 
-DECODERS = ("diffusion", "ar")
 # Benchmarks scored by running the program: their accuracy is pass@1 (greedy, one sample).
 CODE_BENCHMARKS = ("humaneval", "mbpp")
-# The keys of a decode config that `generate` takes.
-GENERATE_KEYS = (
-    "block_size",
-    "sub_block_size",
-    "threshold",
-    "max_new_tokens",
-    "use_sub_block_cache",
-    "temperature",
-    "top_p",
-)
 
 
 def metric_name(benchmark: Benchmark) -> str:
     return "pass@1" if benchmark.name in CODE_BENCHMARKS else "accuracy"
-
-
-def resolve_decode(decode: Mapping[str, Any], trained_block_size: int) -> dict[str, Any]:
-    """The decode config as a plain dict, `block_size` defaulting to the trained one.
-
-    SPEC section 3: decoding with another block size than the trained one hurts, so an
-    explicit mismatch is an error unless `allow_block_size_mismatch` (the Table 4 ablation).
-    """
-    decode = _plain(decode)
-    decode.setdefault("allow_block_size_mismatch", False)
-    if decode.get("block_size") is None:
-        decode["block_size"] = trained_block_size
-    elif decode["block_size"] != trained_block_size and not decode["allow_block_size_mismatch"]:
-        raise ConfigError(
-            f"decode.block_size={decode['block_size']} differs from the trained block size "
-            f"{trained_block_size}: drop it, or set decode.allow_block_size_mismatch=true"
-        )
-    validate_decode(OmegaConf.create(decode))
-    return decode
 
 
 def render_prompts(

@@ -22,9 +22,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from src.config import ConfigError
+from src.config import DECODERS, GENERATE_KEYS, ConfigError, resolve_decode
 from src.decoding import GenerationResult, generate, generate_ar
-from src.evaluation import DECODERS, GENERATE_KEYS, resolve_decode
 from src.export import Export, load_export, read_settings
 
 

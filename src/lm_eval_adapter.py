@@ -30,8 +30,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from tqdm.auto import tqdm
 
+from src.config import DECODERS, GENERATE_KEYS, resolve_decode
 from src.decoding import generate, generate_ar
-from src.evaluation import DECODERS, GENERATE_KEYS, resolve_decode
 from src.export import load_export, read_settings
 
 DEFAULT_BATCH_SIZE = 8

@@ -12,10 +12,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from src.benchmarks import get
-from src.config import ConfigError
+from src.config import ConfigError, resolve_decode
 from src.decoding import generate
 from src.eval import evaluate_export
-from src.evaluation import evaluate, render_prompts, resolve_decode, score_safely
+from src.evaluation import evaluate, render_prompts, score_safely
 from src.export import load_export
 from tests.fixtures.exports import make_export
 

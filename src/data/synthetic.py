@@ -1,12 +1,14 @@
 """A built-in synthetic instruction corpus that a tiny model learns in minutes on a CPU.
 
-Four task families with multi-token answers (about 20-60 tokens with the synthetic tokenizer),
-each with structure a small transformer can pick up quickly:
+Four task families with multi-token answers (about 20-60 tokens with the synthetic tokenizer).
+Most answer tokens are template; the few "hard" ones are single tokens (digits, letters) that
+are either copied from the prompt or one of a few dozen facts, so a tiny transformer learns
+them in minutes, and the template makes parallel (diffusion) decoding confident:
 
-- ``arithmetic``: two single-digit additions/subtractions, answered with worked steps;
+- ``arithmetic``: three single-digit additions/subtractions, answered with worked steps;
 - ``sort``: distinct digits sorted ascending, then the smallest and largest;
 - ``reverse``: distinct letters in reverse order, then the first and last;
-- ``template``: an order-confirmation note filled in from a few fields.
+- ``template``: a booking confirmation filled in from a few digit fields.
 
 Every problem instance is assigned to a split by a stable hash of its user prompt, so the
 splits are disjoint for every seed; the seed only picks which instances are drawn.
@@ -26,35 +28,29 @@ SPLITS = ("train", "validation", "test")
 # Share of hash buckets (out of 100) per split; the rest of a bucket range goes to the next split.
 _SPLIT_BUCKETS = {"train": range(0, 80), "validation": range(80, 90), "test": range(90, 100)}
 
-_NAMES = (
-    "Alice Bob Carol Dave Erin Frank Grace Heidi Ivan Judy "
-    "Kate Leo Mia Nina Oscar Paul Quinn Rosa Sam Tina"
-).split()
-_SHOPS = "Acme Bolt Crest Delta Echo Fjord Globe Harbor Iris Juniper".split()
-_ITEMS = "lamp chair table clock book pen cup plate bag hat box mug fork key map".split()
-_DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
 _LETTERS = string.ascii_lowercase
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str]:
-    """Two steps on single digits, the running total kept in 0..18: small, learnable facts."""
-    total = rng.randint(1, 9)
+    """Three worked steps with the running total kept in 0..9: every step is one of 90
+    single-digit facts, and every number is one token."""
+    total = rng.randint(0, 9)
     terms = [str(total)]
     steps = []
-    for _ in range(2):
-        operand = rng.randint(1, 9)
-        op = "+" if total - operand < 0 or (total + operand <= 18 and rng.random() < 0.5) else "-"
+    for _ in range(3):
+        op = "+" if total == 0 else "-" if total == 9 else rng.choice("+-")
+        operand = rng.randint(1, 9 - total if op == "+" else total)
         new_total = total + operand if op == "+" else total - operand
         terms.append(f"{op} {operand}")
         steps.append(f"{total} {op} {operand} = {new_total}.")
         total = new_total
     prompt = f"Compute {' '.join(terms)}"
-    return prompt, f"We go from left to right. {' '.join(steps)} The answer is {total}."
+    return prompt, f"{' '.join(steps)} The answer is {total}."
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
     # Distinct digits: the next output is the smallest digit above the last one.
-    digits = rng.sample(range(10), rng.randint(4, 6))
+    digits = rng.sample(range(10), rng.randint(4, 5))
     ordered = sorted(digits)
     prompt = f"Sort: {' '.join(map(str, digits))}"
     answer = (
@@ -65,24 +61,24 @@ def _sort(rng: random.Random) -> tuple[str, str]:
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    # Distinct letters: the next output is the prompt letter before the last one output.
-    letters = rng.sample(_LETTERS, rng.randint(4, 6))
-    prompt = f"Reverse: {' '.join(letters)}"
+    # Letters stay single tokens only without a space before them (BPE merges " x" for some
+    # letters, not others), hence the bracketed, comma-joined lists.
+    letters = rng.sample(_LETTERS, rng.randint(4, 5))
+    prompt = f"Reverse: ({','.join(letters)})"
     answer = (
-        f"Reversed: {', '.join(reversed(letters))}. "
-        f"The first item was {letters[0]} and the last was {letters[-1]}."
+        f"Reversed: ({','.join(reversed(letters))}). "
+        f"The first item was ({letters[0]}) and the last was ({letters[-1]})."
     )
     return prompt, answer
 
 
 def _template(rng: random.Random) -> tuple[str, str]:
-    # Every field comes from its own word list, so it can be found by content alone.
-    name, sender = rng.choice(_NAMES), rng.choice(_SHOPS)
-    item, day, count = rng.choice(_ITEMS), rng.choice(_DAYS), rng.randint(2, 9)
-    prompt = f"Note to {name} from {sender}: {count} {item}, {day}"
+    # Each field is one digit found by the word before it in the prompt: a pure copy.
+    room, floor, guests, day = (rng.randint(1, 9) for _ in range(4))
+    prompt = f"Booking: room {room}, floor {floor}, guests {guests}, day {day}"
     answer = (
-        f"Dear {name}, your {count} {item} order is ready. "
-        f"Please pick it up on {day}. Best wishes, {sender} shop."
+        f"Dear guest, your room is {room} on floor {floor} for {guests} guests. "
+        f"Please arrive on day {day}. Best wishes."
     )
     return prompt, answer
 
@@ -106,7 +102,7 @@ def generate_split(split: str, n: int, seed: int = 0) -> list[dict]:
     """`n` items of `split`, task families in round-robin order.
 
     Each item is ``{"task", "messages": [user, assistant], "answer"}``. Validation and test
-    items are distinct; train items may repeat (the arithmetic family has ~2k instances).
+    items are distinct; train items may repeat (the smallest family, template, has ~6.5k instances).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")

@@ -10,6 +10,7 @@ arithmetic far easier for a tiny model. Special tokens follow Qwen2.5: ``<|endof
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -91,9 +92,11 @@ def train_tokenizer(
 def synthetic_tokenizer(
     cache_dir: str | Path, seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE
 ) -> PreTrainedTokenizerFast:
-    """The synthetic-corpus tokenizer, loaded from `cache_dir/seed{seed}-v{vocab_size}` or trained
-    and saved there on first use."""
-    path = Path(cache_dir) / f"seed{seed}-v{vocab_size}"
+    """The synthetic-corpus tokenizer, loaded from `cache_dir/seed{seed}-v{vocab_size}-{corpus}` or
+    trained and saved there on first use. `corpus` hashes the training texts, so a changed corpus
+    never reuses a stale tokenizer."""
+    corpus = hashlib.sha256("\n".join(_corpus(seed)).encode()).hexdigest()[:10]
+    path = Path(cache_dir) / f"seed{seed}-v{vocab_size}-{corpus}"
     if (path / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(str(path))
     log.info("training the synthetic tokenizer into %s", path)
