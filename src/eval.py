@@ -49,12 +49,8 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
     problems = benchmark.load(limit=cfg.limit)
     loggers = [instantiate(c) for c in cfg.logger.values()]
 
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     export = load_export(
-        cfg.ckpt,
-        device=device,
-        dtype=getattr(torch, cfg.dtype),
-        attn_implementation=cfg.attn_implementation,
+        cfg.ckpt, device=cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation
     )
     evaluation = evaluate(
         export.model,
@@ -67,7 +63,7 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
         decoder=cfg.decoder,
         batch_size=cfg.batch_size,
         progress=True,
-        generator=torch.Generator(device).manual_seed(cfg.seed),
+        generator=torch.Generator(export.model.device).manual_seed(cfg.seed),
     )
     metric = metric_name(benchmark)
     metrics = {

@@ -59,12 +59,17 @@ def load_export(
     path: str,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
 ) -> Export:
+    """Model (eval mode, on `device`; "auto" picks CUDA when there is one), tokenizer, settings."""
     settings = read_settings(path)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation
+        path,
+        dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype,
+        attn_implementation=attn_implementation,
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     return Export(model.to(device).eval(), tokenizer, settings)

@@ -108,12 +108,8 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"error: {err}") from None
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     export = load_export(
-        cfg.ckpt,
-        device=device,
-        dtype=getattr(torch, cfg.dtype),
-        attn_implementation=cfg.attn_implementation,
+        cfg.ckpt, device=cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation
     )
     chat = Chat(export, decode, decoder=cfg.decoder, system=cfg.system, seed=cfg.seed)
     turns = user_turns(sys.stdin) if cfg.chat else [cfg.prompt]

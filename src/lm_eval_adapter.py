@@ -79,7 +79,7 @@ class FastDLLM(TemplateLM):
         # lm-eval's --device defaults to cuda, also on machines without one.
         if not device or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        export = load_export(pretrained, device=device, dtype=getattr(torch, dtype))
+        export = load_export(pretrained, device=device, dtype=dtype)
         self.model, self.tokenizer, self.settings = export.model, export.tokenizer, settings
         self.decoder, self.pretrained = decoder, pretrained
         self._device = self.model.device

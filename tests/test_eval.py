@@ -17,18 +17,9 @@ from src.decoding import generate
 from src.eval import evaluate_export
 from src.evaluation import evaluate, render_prompts, score_safely
 from src.export import load_export
-from tests.fixtures.exports import make_export
+from tests.fixtures.exports import DECODE, make_export
 
 ROOT = Path(__file__).resolve().parents[1]
-DECODE = {
-    "block_size": None,
-    "sub_block_size": 4,
-    "threshold": 0.9,
-    "max_new_tokens": 16,
-    "use_sub_block_cache": False,
-    "temperature": 0.0,
-    "top_p": 1.0,
-}
 # Small enough for a few seconds per run.
 FAST = ["benchmark.n=5", "decode.max_new_tokens=16", "decode.sub_block_size=4", "batch_size=2"]
 

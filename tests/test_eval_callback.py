@@ -13,7 +13,7 @@ from src.data.tokenizer import synthetic_tokenizer
 from src.evaluation import DecodeEval
 from src.lit_module import DiffusionLM
 from src.model import ensure_mask_token
-from tests.fixtures.exports import TINY_CONFIG
+from tests.fixtures.exports import DECODE, TINY_CONFIG
 
 BLOCK = 8
 DIFFUSION = {
@@ -31,15 +31,6 @@ OPTIM = {
     "weight_decay": 0.0,
     "warmup_steps": 1,
     "min_lr_ratio": 0.1,
-}
-DECODE = {
-    "block_size": None,
-    "sub_block_size": 4,
-    "threshold": 0.9,
-    "max_new_tokens": 16,
-    "use_sub_block_cache": False,
-    "temperature": 0.0,
-    "top_p": 1.0,
 }
 
 
