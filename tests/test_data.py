@@ -66,6 +66,13 @@ def test_items_have_chat_shape_and_answers_of_20_to_60_tokens(tok):
         assert 20 <= n <= 60, (item["task"], n)
 
 
+def test_task_order_is_shuffled_but_balanced():
+    # Samples are packed in order: a periodic task order would tie tasks to context positions.
+    tasks = [item["task"] for item in generate_split("train", 400, seed=0)]
+    assert all(tasks.count(task) == 100 for task in TASKS)
+    assert all(set(tasks[start::4]) == set(TASKS) for start in range(4))
+
+
 def test_unknown_split_raises():
     with pytest.raises(ValueError, match="unknown split"):
         generate_split("dev", 3)

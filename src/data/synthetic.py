@@ -7,7 +7,7 @@ them in minutes, and the template makes parallel (diffusion) decoding confident:
 
 - ``arithmetic``: three single-digit additions/subtractions, answered with worked steps;
 - ``sort``: distinct digits sorted ascending, then the smallest and largest;
-- ``reverse``: distinct letters in reverse order, then the first and last;
+- ``reverse``: distinct digits in reverse order, then the first and last;
 - ``template``: a booking confirmation filled in from a few digit fields.
 
 Every problem instance is assigned to a split by a stable hash of its user prompt, so the
@@ -20,15 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import string
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
 # Share of hash buckets (out of 100) per split; the rest of a bucket range goes to the next split.
 _SPLIT_BUCKETS = {"train": range(0, 80), "validation": range(80, 90), "test": range(90, 100)}
-
-_LETTERS = string.ascii_lowercase
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str]:
@@ -61,13 +58,13 @@ def _sort(rng: random.Random) -> tuple[str, str]:
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    # Letters stay single tokens only without a space before them (BPE merges " x" for some
-    # letters, not others), hence the bracketed, comma-joined lists.
-    letters = rng.sample(_LETTERS, rng.randint(4, 5))
-    prompt = f"Reverse: ({','.join(letters)})"
+    # Digits, not letters: each digit is its own token and frequent enough (it is shared with
+    # the other families) that a tiny model learns to copy it quickly.
+    digits = rng.sample(range(10), rng.randint(4, 5))
+    prompt = f"Reverse: {' '.join(map(str, digits))}"
     answer = (
-        f"Reversed: ({','.join(reversed(letters))}). "
-        f"The first item was ({letters[0]}) and the last was ({letters[-1]})."
+        f"Reversed: {', '.join(map(str, reversed(digits)))}. "
+        f"The first item was {digits[0]} and the last was {digits[-1]}."
     )
     return prompt, answer
 
@@ -99,7 +96,7 @@ def split_of(prompt: str) -> str:
 
 
 def generate_split(split: str, n: int, seed: int = 0) -> list[dict]:
-    """`n` items of `split`, task families in round-robin order.
+    """`n` items of `split`, in random order, an equal share (+-1) of each task family.
 
     Each item is ``{"task", "messages": [user, assistant], "answer"}``. Validation and test
     items are distinct; train items may repeat (the smallest family, template, has ~6.5k instances).
@@ -128,6 +125,9 @@ def generate_split(split: str, n: int, seed: int = 0) -> list[dict]:
             {"role": "assistant", "content": answer},
         ]
         items.append({"task": task, "messages": messages, "answer": answer})
+    # Samples are packed in order, so a fixed task order would tie each task to a position in
+    # the context: a model then learns the position instead of reading the prompt.
+    rng.shuffle(items)
     return items
 
 
