@@ -138,7 +138,9 @@ def summary(metrics: dict[str, Any]) -> str:
         f"{metrics['benchmark']} ({metrics['decoder']}): {metrics['metric']} "
         f"{metrics[metrics['metric']]:.4f} on {metrics['num_scored']} problems | "
         f"{metrics['tokens_per_second']:.1f} tokens/s | "
-        f"{metrics['tokens_per_forward']:.2f} tokens/forward | {metrics['forwards']} forwards"
+        f"{metrics['tokens_per_forward']:.2f} tokens/forward (batch {metrics['batch_size']}) | "
+        f"{metrics['unmasked_per_step']:.2f} tokens/step per sequence | "
+        f"{metrics['forwards']} forwards"
     )
 
 
@@ -148,6 +150,7 @@ def main(cfg: DictConfig) -> float:
         metrics = evaluate_export(cfg, HydraConfig.get().runtime.output_dir)
     except ValueError as err:  # ConfigError included: one line, before any decoding
         raise SystemExit(f"error: {err}") from None
+    print(f"metrics: {HydraConfig.get().runtime.output_dir}/metrics.json (samples.jsonl beside it)")
     print(summary(metrics), flush=True)
     return metrics[metrics["metric"]]
 
