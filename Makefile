@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-fast lint format clean
+.PHONY: venv demo test test-fast lint format clean tiny-repro
 
 venv: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: venv
 	test -f artifacts/tiny_ar/diffusion.json || $(PY) -m src.train experiment=tiny_ar
 	$(PY) -m src.train experiment=tiny
 	$(PY) -m src.eval ckpt=artifacts/tiny benchmark=synthetic
+
+# experiments/tiny_repro: the paper's Tables 1-3 and Fig. 4 in miniature (about an hour).
+tiny-repro: venv
+	$(PY) experiments/tiny_repro/run.py
 
 test: venv
 	$(PY) -m pytest -q

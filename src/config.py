@@ -13,13 +13,9 @@ import torch
 from hydra.utils import get_class
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedTokenizerBase
 
+from src.errors import ConfigError
 from src.model import is_local_path, package_path
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message says which key to change and how."""
 
 
 def validate_diffusion(diffusion: DictConfig, seq_len: int | None = None) -> None:
@@ -125,14 +121,6 @@ def validate_train(cfg: DictConfig) -> None:
     validate_decode(cfg.decode)
     validate_model_source(cfg.model)
     validate_strategy(cfg.trainer)
-
-
-def require_chat_template(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
-    if not tokenizer.chat_template:
-        raise ConfigError(
-            f"the tokenizer of {source} has no chat template, which chat data needs: "
-            "use an instruct model's tokenizer or set tokenizer.chat_template"
-        )
 
 
 OmegaConf.register_new_resolver("package_path", package_path, replace=True)

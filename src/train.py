@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from src.callbacks import PreemptionCheckpoint
-from src.config import ConfigError, require_chat_template, validate_train
+from src.config import ConfigError, validate_train
 from src.lit_module import DiffusionLM
 from src.model import ensure_mask_token, load_tokenizer
 
@@ -52,7 +52,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate_train(cfg)
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = build_tokenizer(cfg.model)
-    require_chat_template(tokenizer, cfg.model.get("pretrained") or "the scratch tokenizer")
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     # Plain containers: checkpoints then hold no OmegaConf objects and load with weights_only.
     plain = {

@@ -25,6 +25,7 @@ from src.data.tokenizer import (
     train_tokenizer,
 )
 from src.diffusion.loss import IGNORE_INDEX
+from src.errors import ConfigError
 
 SEQ_LEN, BLOCK = 256, 32
 
@@ -129,6 +130,8 @@ def test_render_chat_labels_assistant_content_and_stop_only(tok):
         item["messages"][:1], tokenize=False, add_generation_prompt=True
     )
     assert tok.decode(input_ids[:n_prompt]) == prompt
+    # Nothing after the stop token: the template's trailing newline is cut.
+    assert input_ids[-1] == tok.convert_tokens_to_ids(IM_END) and labels[-1] != IGNORE_INDEX
 
 
 def test_render_chat_multi_turn_with_default_system_template():
@@ -156,10 +159,13 @@ def test_missing_chat_template_raises(tok):
     bare = train_tokenizer(0)
     bare.chat_template = None
     messages = generate_split("train", 1)[0]["messages"]
-    with pytest.raises(ValueError, match="chat_template"):
+    # A config problem: train.main prints it as one `config error:` line, no traceback.
+    with pytest.raises(ConfigError, match="chat_template"):
         render_chat(bare, messages)
-    with pytest.raises(ValueError, match="chat_template"):
+    with pytest.raises(ConfigError, match="chat_template"):
         build_sft_dataset(bare, [{"messages": messages}], SEQ_LEN, BLOCK)
+    with pytest.raises(ConfigError, match="chat_template"):
+        ChatDataModule(bare, {"kind": "synthetic", "n_train": 1}, SEQ_LEN, BLOCK)
 
 
 def test_seq_len_must_be_a_multiple_of_block_size(tok):
@@ -172,7 +178,7 @@ def test_packed_contexts(tok, pad_to_block):
     items = generate_split("train", 60, seed=2)
     data = build_sft_dataset(tok, items, SEQ_LEN, BLOCK, pad_to_block=pad_to_block)
     mask_id, start_id = mask_token_id_of(tok), tok.convert_tokens_to_ids(IM_START)
-    supervised, starts, n_mask = [], [], 0
+    supervised, starts, n_mask, leaks = [], [], 0, 0
     for input_ids, labels in zip(data["input_ids"], data["labels"], strict=True):
         assert len(input_ids) == len(labels) == SEQ_LEN
         # Padding / tails hold the mask id and are never supervised.
@@ -181,15 +187,33 @@ def test_packed_contexts(tok, pad_to_block):
             t == IGNORE_INDEX for t, i in zip(labels, input_ids, strict=True) if i == mask_id
         )
         n_mask += input_ids.count(mask_id)
+        leaks += _visible_after_answer(input_ids, labels, mask_id)
         starts += [p for p, i in enumerate(input_ids) if i == start_id][::2]  # user headers
         supervised.append(_supervised_text(tok, labels))
     rendered = sum(len(render_chat(tok, item["messages"])[0]) for item in items)
     assert n_mask == SEQ_LEN * len(data) - rendered
     assert len(starts) == len(items)
-    # With padding every sample starts a block; without, some sample starts mid-block.
+    # With padding every sample starts a block; without, some sample starts mid-block, and
+    # its prompt then shows the noisy block where the previous answer ended.
     assert all(p % BLOCK == 0 for p in starts) == pad_to_block
+    assert (leaks == 0) == pad_to_block
     # Every answer is supervised once, in order, followed by its stop token.
     assert "".join(supervised) == "".join(item["answer"] + IM_END for item in items)
+
+
+def _visible_after_answer(input_ids: list[int], labels: list[int], mask_id: int) -> int:
+    """Tokens never noised (unsupervised, not the mask id) that follow a supervised token in
+    the same block: in the noisy stream they would show the model where an answer ends,
+    which it never sees at inference."""
+    count = 0
+    for start in range(0, len(input_ids), BLOCK):
+        ids, labs = input_ids[start : start + BLOCK], labels[start : start + BLOCK]
+        first = next((i for i, t in enumerate(labs) if t != IGNORE_INDEX), len(labs))
+        count += sum(
+            t == IGNORE_INDEX and i != mask_id
+            for i, t in zip(ids[first:], labs[first:], strict=True)
+        )
+    return count
 
 
 def test_pack_truncates_and_drops_with_counts():

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from src.data.synthetic import generate_split, read_jsonl
 from src.data.tokenizer import MASK_TOKEN
 from src.diffusion.loss import IGNORE_INDEX
+from src.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,14 @@ _SYNTHETIC_SIZE_KEYS = {"train": "n_train", "validation": "n_val", "test": "n_te
 
 
 def check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Raise ValueError unless `tokenizer` can render chats and has a stop (eos) token."""
+    """ConfigError unless `tokenizer` can render chats and has a stop (eos) token."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise ConfigError(
             "tokenizer has no chat_template; set tokenizer.chat_template to a ChatML template "
             "(e.g. src.data.tokenizer.CHAT_TEMPLATE) or use an instruct model's tokenizer"
         )
     if tokenizer.eos_token is None:
-        raise ValueError("tokenizer has no eos_token; set it to the stop token (e.g. <|im_end|>)")
+        raise ConfigError("tokenizer has no eos_token; set it to the stop token (e.g. <|im_end|>)")
 
 
 def mask_token_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -80,6 +81,7 @@ def render_chat(
 
     A token is supervised when its characters overlap an assistant turn's content or the
     stop token closing it; everything else (system, user, the assistant header) is -100.
+    The rendering ends at the last supervised token (the last reply's stop token).
     """
     check_chat_tokenizer(tokenizer)
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
@@ -90,7 +92,11 @@ def render_chat(
         token_id if any(s < end and e > start for start, end in spans) else IGNORE_INDEX
         for token_id, (s, e) in zip(input_ids, encoding["offset_mapping"], strict=True)
     ]
-    return input_ids, labels
+    # What a template adds after the last stop token (ChatML: a newline) is never masked, so
+    # in the block-diffusion objective it would sit visible in the answer's last block and
+    # tell the model where the answer ends; at inference nothing follows the stop token.
+    end = max((i + 1 for i, label in enumerate(labels) if label != IGNORE_INDEX), default=0)
+    return input_ids[:end], labels[:end]
 
 
 @dataclass

@@ -1,0 +1,226 @@
+"""Study 1: the paper's Tables 1-3 and Fig. 4 in miniature, on the built-in synthetic corpus.
+
+    make tiny-repro                                   # the whole study, about an hour on 2 cores
+    .venv/bin/python experiments/tiny_repro/run.py --seeds 0 1 2
+    .venv/bin/python experiments/tiny_repro/run.py --summarise   # tables + plot from metrics/
+
+Every fine-tune starts from the same AR-init (`artifacts/tiny_ar`, made by
+`python -m src.train experiment=tiny_ar` when missing) and runs in a subprocess into
+`runs/<variant>/seed<k>/` (git-ignored: checkpoints, logs, export). Each measurement's raw
+JSON is copied to `metrics/` (committed); `results.md` and `fig4_threshold.png` are built
+from `metrics/` alone. A step whose JSON exists is skipped, so an interrupted study resumes.
+
+- Table 1: AR-init and AR fine-tune (`tiny_ar_ft`) decoded AR vs the block-diffusion fine-tune
+  (`tiny`) decoded with cached parallel decoding: `src.bench decode`, one process per seed,
+  batch 1, all variants interleaved so their tokens/s compare.
+- Table 2: naive (no padding, no complementary view) -> +pad -> +pad +complementary.
+- Table 3: sub-block size {2, 4, 8, 16, 32} at block size 32 (`src.eval`, batch 8).
+- Fig. 4: threshold {1.0, 0.95, 0.9, 0.8, 0.7, 0.5}, accuracy vs tokens/s (from Table 1's runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+RUNS, METRICS = HERE / "runs", HERE / "metrics"
+AR_INIT = ROOT / "artifacts" / "tiny_ar"
+
+# name -> (train overrides, what it is)
+FINE_TUNES = {
+    "ar_ft": (["experiment=tiny_ar_ft"], "AR fine-tune (same data and steps)"),
+    "bd_naive": (
+        ["experiment=tiny", "diffusion.pad_to_block=false", "diffusion.complementary=false"],
+        "block diffusion, naive",
+    ),
+    "bd_pad": (["experiment=tiny", "diffusion.complementary=false"], "block diffusion, +pad"),
+    "bd": (["experiment=tiny"], "block diffusion, +pad +complementary (full recipe)"),
+}
+THRESHOLDS = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)
+SUB_BLOCKS = (2, 4, 8, 16, 32)
+ABLATION_THRESHOLDS = (1.0, 0.9)
+
+
+def python(*args: str) -> None:
+    """Run `python -m ...` of this checkout's interpreter; stop the study if it fails."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    print("+ python", " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True)
+
+
+def fine_tune(name: str, seed: int) -> Path:
+    export = RUNS / name / f"seed{seed}" / "export"
+    if not (export / "diffusion.json").exists():
+        overrides, _ = FINE_TUNES[name]
+        run_dir = export.parent
+        shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run restarts cleanly
+        python("-m", "src.train", *overrides, f"seed={seed}", f"hydra.run.dir={run_dir}")
+    return export
+
+
+def evaluate(export: Path, out: Path, *overrides: str) -> None:
+    """`src.eval` on the whole test split; its metrics.json is kept as `out`."""
+    if out.exists():
+        return
+    run_dir = RUNS / "eval" / out.relative_to(METRICS).with_suffix("")
+    python("-m", "src.eval", f"ckpt={export}", "benchmark=synthetic", *overrides,
+           f"hydra.run.dir={run_dir}")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run_dir / "metrics.json", out)
+
+
+def bench(bd: Path, ar_ft: Path, out: Path) -> None:
+    """Table 1 and Fig. 4 for one seed: AR baselines and every threshold, interleaved."""
+    if out.exists():
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    thresholds = ",".join(map(str, THRESHOLDS))
+    python("-m", "src.bench", "decode", f"ckpt={bd}", f"ar_ckpt={ar_ft}", f"out={out}",
+           f"thresholds={thresholds}", "sub_block_cache=false", "batch_sizes=1")  # fmt: skip
+
+
+def run(seeds: Sequence[int]) -> None:
+    if not (AR_INIT / "diffusion.json").exists():
+        python("-m", "src.train", "experiment=tiny_ar")
+    evaluate(AR_INIT, METRICS / "ar_init" / "ar.json", "decoder=ar")
+    for seed in seeds:
+        exports = {name: fine_tune(name, seed) for name in FINE_TUNES}
+        bench(exports["bd"], exports["ar_ft"], METRICS / "bench" / f"seed{seed}.json")
+        for name in ("bd_naive", "bd_pad", "bd"):
+            for t in ABLATION_THRESHOLDS:
+                out = METRICS / "ablation" / f"{name}_t{t}_seed{seed}.json"
+                evaluate(exports[name], out, f"decode.threshold={t}")
+        for s in SUB_BLOCKS:
+            out = METRICS / "sub_block" / f"s{s}_seed{seed}.json"
+            evaluate(exports["bd"], out, f"decode.sub_block_size={s}")
+
+
+def mean_spread(values: Sequence[float]) -> str:
+    """`mean ± sample std (n)`; a single value has no spread."""
+    if len(values) == 1:
+        return f"{values[0]:.3f} (n=1)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
+
+
+def load(pattern: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(METRICS.glob(pattern))]
+
+
+def summarise() -> str:
+    """results.md (and the Fig. 4 PNG) from the JSON files under metrics/."""
+    lines = ["# Results (generated by `run.py --summarise` from `metrics/`)", ""]
+    benches = load("bench/seed*.json")
+
+    def rows(variant: str) -> list[dict]:
+        return [next(r for r in b["rows"] if r["variant"] == variant) for b in benches]
+
+    lines += [
+        f"## Table 1 shape ({len(benches)} seeds x {benches[0]['num_prompts']} test problems, "
+        "greedy, batch 1; accuracy is exact match)",
+        "",
+        "| model | decoding | accuracy | tokens/s | tokens/forward | x AR-FT tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    ar_init = load("ar_init/ar.json")[0]
+    lines.append(f"| AR-init (`tiny_ar`) | AR | {ar_init['accuracy']:.3f} (n=1) | | 1.00 | |")
+    table1 = [
+        ("AR fine-tune", "AR", "ar (ar_ckpt) bs=1"),
+        ("block diffusion", "AR (same weights)", "ar (ckpt) bs=1"),
+    ]
+    table1 += [
+        ("block diffusion", f"parallel, threshold {t}", f"diffusion t={t} cache=off bs=1")
+        for t in (1.0, 0.9)
+    ]
+    for model, decoding, variant in table1:
+        r = rows(variant)
+        lines.append(
+            f"| {model} | {decoding} | {mean_spread([x['accuracy'] for x in r])} "
+            f"| {statistics.mean(x['tokens_per_second'] for x in r):.0f} "
+            f"| {statistics.mean(x['tokens_per_forward'] for x in r):.2f} "
+            f"| {mean_spread([x['speedup_vs_ar'] for x in r])} |"
+        )
+
+    lines += ["", "## Table 2 shape (batch 8)", "",
+              "| recipe | accuracy, threshold 1.0 | accuracy, threshold 0.9 | tokens/step, 0.9 |",
+              "|---|---|---|---|"]  # fmt: skip
+    for name in ("bd_naive", "bd_pad", "bd"):
+        by_t = {t: load(f"ablation/{name}_t{t}_seed*.json") for t in ABLATION_THRESHOLDS}
+        lines.append(
+            f"| {FINE_TUNES[name][1]} | {mean_spread([m['accuracy'] for m in by_t[1.0]])} "
+            f"| {mean_spread([m['accuracy'] for m in by_t[0.9]])} "
+            f"| {statistics.mean(m['unmasked_per_step'] for m in by_t[0.9]):.2f} |"
+        )
+
+    lines += ["", "## Table 3 shape (block 32, threshold 0.9, batch 8)", "",
+              "| sub-block size | accuracy | tokens/step per sequence |", "|---|---|---|"]  # fmt: skip
+    for s in SUB_BLOCKS:
+        ms = load(f"sub_block/s{s}_seed*.json")
+        lines.append(
+            f"| {s} | {mean_spread([m['accuracy'] for m in ms])} "
+            f"| {statistics.mean(m['unmasked_per_step'] for m in ms):.2f} |"
+        )
+
+    lines += ["", "## Fig. 4 shape (batch 1): `fig4_threshold.png`", "",
+              "| threshold | accuracy | tokens/s | tokens/forward | x AR-FT tokens/s |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    points = []
+    for t in THRESHOLDS:
+        r = rows(f"diffusion t={t} cache=off bs=1")
+        acc = [x["accuracy"] for x in r]
+        speed = [x["tokens_per_second"] for x in r]
+        points.append((t, acc, speed))
+        lines.append(
+            f"| {t} | {mean_spread(acc)} | {statistics.mean(speed):.0f} "
+            f"| {statistics.mean(x['tokens_per_forward'] for x in r):.2f} "
+            f"| {mean_spread([x['speedup_vs_ar'] for x in r])} |"
+        )
+    plot_fig4(points, rows("ar (ar_ckpt) bs=1"))
+    return "\n".join(lines) + "\n"
+
+
+def plot_fig4(points: list[tuple[float, list[float], list[float]]], ar: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for t, acc, speed in points:
+        ax.errorbar(statistics.mean(speed), statistics.mean(acc),
+                    xerr=statistics.pstdev(speed), yerr=statistics.pstdev(acc), fmt="o",
+                    color="tab:blue")  # fmt: skip
+        ax.annotate(f"{t}", (statistics.mean(speed), statistics.mean(acc)),
+                    textcoords="offset points", xytext=(5, 5))  # fmt: skip
+    ar_speed = statistics.mean(r["tokens_per_second"] for r in ar)
+    ar_acc = statistics.mean(r["accuracy"] for r in ar)
+    ax.plot([ar_speed], [ar_acc], "s", color="tab:red", label="AR fine-tune, AR decoding")
+    ax.set_xlabel("tokens/s (batch 1, CPU)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_title("threshold sweep (labels: threshold)")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(HERE / "fig4_threshold.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--summarise", action="store_true", help="only rebuild results.md")
+    args = parser.parse_args()
+    if not args.summarise:
+        run(args.seeds)
+    (HERE / "results.md").write_text(summarise())
+    print(f"wrote {HERE / 'results.md'} and {HERE / 'fig4_threshold.png'}")
+
+
+if __name__ == "__main__":
+    main()
