@@ -31,7 +31,7 @@ demo: venv
 	$(PY) -m src.train experiment=tiny
 	$(PY) -m src.eval ckpt=artifacts/tiny benchmark=synthetic
 
-# experiments/tiny_repro: the paper's Tables 1-3 and Fig. 4 in miniature (about an hour).
+# experiments/tiny_repro: the paper's Tables 1-3 and Fig. 4 in miniature (~35 min per seed).
 tiny-repro: venv
 	$(PY) experiments/tiny_repro/run.py
 
