@@ -63,7 +63,8 @@ def fine_tune(name: str, seed: int) -> Path:
     if not (export / "diffusion.json").exists():
         # A half-finished run resumes from its run dir's last checkpoint.
         overrides, _ = FINE_TUNES[name]
-        python("-m", "src.train", *overrides, f"seed={seed}", f"hydra.run.dir={export.parent}")
+        python("-m", "src.train", *overrides, f"seed={seed}", f"hydra.run.dir={export.parent}",
+               f"paths.export_dir={export}")  # fmt: skip
     return export
 
 
