@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-fast lint format clean tiny-repro
+.PHONY: venv demo test test-fast lint format clean tiny-repro smollm2-study
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: venv
 # experiments/tiny_repro: the paper's Tables 1-3 and Fig. 4 in miniature (~35 min per seed).
 tiny-repro: venv
 	$(PY) experiments/tiny_repro/run.py
+
+# experiments/smollm2: self-distillation of SmolLM2-135M-Instruct, converted and measured on CPU.
+smollm2-study: venv
+	$(PY) experiments/smollm2/run.py
 
 test: venv
 	$(PY) -m pytest -q

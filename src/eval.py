@@ -6,9 +6,10 @@
     python -m src.eval -m ckpt=<export> decode.threshold=1.0,0.9,0.7   # one directory per run
     python -m src.eval ckpt=<export> logger=wandb                      # also to W&B (offline ok)
 
-Writes `metrics.json` (score, decoding speed, the full decode config, versions, git commit)
-and `samples.jsonl` (prompt, response, score) into the run directory, and prints the score
-and tokens/s last. `decode.block_size` defaults to the export's trained block size.
+Writes `metrics.json` (score, per task family where the benchmark has them, decoding speed,
+the full decode config, versions, git commit) and `samples.jsonl` (prompt, response, score)
+into the run directory, and prints the score and tokens/s last. `decode.block_size` defaults
+to the export's trained block size.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
         "benchmark": benchmark.name,
         "metric": metric,
         **evaluation.metrics(metric),
+        **({"by_task": by_task} if (by_task := evaluation.by_task()) else {}),
         "ckpt": os.path.abspath(cfg.ckpt),
         "decoder": cfg.decoder,
         "decode": decode,

@@ -86,6 +86,14 @@ class Evaluation:
             ),
         }
 
+    def by_task(self) -> dict[str, float]:
+        """Mean score per task family, for benchmarks whose problems name one (synthetic)."""
+        scores: dict[str, list[bool]] = {}
+        for sample in self.samples:
+            if "task" in sample:
+                scores.setdefault(sample["task"], []).append(sample["score"])
+        return {task: sum(s) / len(s) for task, s in sorted(scores.items())}
+
     @staticmethod
     def merge(parts: Sequence[Evaluation]) -> Evaluation:
         """Results of ranks that decoded side by side: counts add up, wall time is the longest."""
@@ -153,7 +161,8 @@ def evaluate(
     scores, evaluation.score_errors = score_safely(benchmark, problems, responses)
     evaluation.samples = [
         {"prompt": text, "response": response, "score": bool(score)}
-        for text, response, score in zip(texts, responses, scores, strict=True)
+        | ({"task": problem["task"]} if "task" in problem else {})
+        for problem, text, response, score in zip(problems, texts, responses, scores, strict=True)
     ]
     return evaluation
 

@@ -100,6 +100,7 @@ def test_accuracy_counts_exact_matches(export, tmp_path):
     again = evaluate(export.model, export.tokenizer, bench, bench.load(), decode=decode, **ids)
     assert again.metrics("accuracy")["accuracy"] == 0.5
     assert [s["score"] for s in again.samples] == [True, False, True, False]
+    assert again.by_task() == {p["task"]: float(i % 2 == 0) for i, p in enumerate(problems)}
 
 
 class _Crashing(type(get("synthetic"))):
@@ -156,7 +157,9 @@ def test_cli_writes_metrics_and_samples(export_dir, tmp_path):
     assert metrics["batch_size"] == 2 and metrics["torch"] and metrics["transformers"]
     assert metrics["tokens_per_second"] > 0 and metrics["forwards"] > 0
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 5 and set(samples[0]) == {"prompt", "response", "score"}
+    assert len(samples) == 5 and set(samples[0]) == {"prompt", "response", "score", "task"}
+    tasks = {s["task"] for s in samples}
+    assert set(metrics["by_task"]) == tasks and len(tasks) == 4
 
 
 @pytest.mark.slow

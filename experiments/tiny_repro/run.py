@@ -30,6 +30,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from src.data.synthetic import TASKS  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RUNS, METRICS = HERE / "runs", HERE / "metrics"
@@ -49,6 +52,12 @@ THRESHOLDS = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)
 SUB_BLOCKS = (2, 4, 8, 16, 32)
 ABLATION_THRESHOLDS = (1.0, 0.9)
 NOT_RUN = "not run yet"
+PER_TASK_ROWS = (
+    ("AR-init, AR", "ar_init/ar.json"),
+    ("AR fine-tune, AR", "ar_ft/seed*.json"),
+    ("block diffusion, parallel t=0.9 (s=8)", "sub_block/s8_seed*.json"),
+    ("block diffusion, parallel t=0.9 (s=2)", "sub_block/s2_seed*.json"),
+)
 
 
 def python(*args: str) -> None:
@@ -90,17 +99,22 @@ def bench(bd: Path, ar_ft: Path, out: Path) -> None:
 
 
 def run(seeds: Sequence[int]) -> None:
-    """Cheapest, most central measurements first: a cut-short study still has Table 1."""
+    """Cheapest, most central measurements first: a cut-short study still has Tables 1 and 3
+    for every seed."""
     if not (AR_INIT / "diffusion.json").exists():
         python("-m", "src.train", "experiment=tiny_ar")
     evaluate(AR_INIT, METRICS / "ar_init" / "ar.json", "decoder=ar")
     for seed in seeds:
         bd = fine_tune("bd", seed)
-        bench(bd, fine_tune("ar_ft", seed), METRICS / "bench" / f"seed{seed}.json")
+        ar_ft = fine_tune("ar_ft", seed)
+        bench(bd, ar_ft, METRICS / "bench" / f"seed{seed}.json")
+        evaluate(ar_ft, METRICS / "ar_ft" / f"seed{seed}.json", "decoder=ar")
         for s in SUB_BLOCKS:
             evaluate(
                 bd, METRICS / "sub_block" / f"s{s}_seed{seed}.json", f"decode.sub_block_size={s}"
             )
+    # Table 2 last: two more fine-tunes per seed for one table.
+    for seed in seeds:
         for name in ("bd", "bd_pad", "bd_naive"):
             export = fine_tune(name, seed)
             for t in ABLATION_THRESHOLDS:
@@ -179,6 +193,14 @@ def summarise() -> str:
             f"| {s} | {mean_spread([m['accuracy'] for m in ms])} "
             f"| {mean([m['unmasked_per_step'] for m in ms], 2)} |"
         )
+
+    lines += ["", "## Accuracy per task family (200 test problems, batch 8)", "",
+              "| model, decoding | " + " | ".join(TASKS) + " |",
+              "|---|" + "---|" * len(TASKS)]  # fmt: skip
+    for label, pattern in PER_TASK_ROWS:
+        ms = [m for m in load(pattern) if "by_task" in m]
+        cells = [mean_spread([m["by_task"][task] for m in ms]) for task in TASKS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     lines += ["", "## Fig. 4 shape (batch 1): `fig4_threshold.png`", "",
               "| threshold | accuracy | tokens/s | tokens/forward | x AR-FT tokens/s |",

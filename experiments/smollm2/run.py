@@ -1,0 +1,345 @@
+"""Study 2: does block-diffusion conversion preserve a real pretrained AR model?
+
+    make smollm2-study                                  # distil, fine-tune, measure (CPU)
+    .venv/bin/python experiments/smollm2/run.py --steps 150
+    .venv/bin/python experiments/smollm2/run.py --summarise   # results.md from metrics/
+
+Self-distillation on SmolLM2-135M-Instruct (`experiment=smollm2`):
+1. prompts: everyday instructions from templates x topics (`PROMPT_TEMPLATES`), split into
+   train and held-out by a stable hash of the prompt;
+2. distil: the original model's greedy chat answers (HF `generate`, at most `MAX_NEW_TOKENS`).
+   Answers the token limit cut off are dropped: they would teach the model to stop where the
+   limit, not the model, stopped;
+3. fine-tune: `python -m src.train experiment=smollm2` on the train answers (block diffusion,
+   full recipe), into `runs/bd/` (git-ignored; it resumes from its last checkpoint);
+4. measure on the held-out prompts, all decoders interleaved prompt by prompt in one process
+   (batch 1, greedy): how often cached parallel decoding reproduces the original model's AR
+   answer (exact, and token agreement), tokens per forward and tokens/s against the original's
+   AR decoding; AR and block-diffusion perplexity of the held-out answers before and after.
+
+Each step's JSON lands in `metrics/` (committed) and is skipped when present, so the study
+resumes; `results.md` is built from `metrics/` alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+from src.bench import compose_train  # noqa: E402
+from src.data.sft import build_sft_dataset  # noqa: E402
+from src.data.synthetic import read_jsonl, write_jsonl  # noqa: E402
+from src.decoding import GenerationResult, generate, generate_ar  # noqa: E402
+from src.diffusion import ar_loss, block_diffusion_loss  # noqa: E402
+from src.export import load_export  # noqa: E402
+from src.model import MASK_TOKEN, build_model  # noqa: E402
+from src.train import build_tokenizer  # noqa: E402
+
+RUNS, METRICS = HERE / "runs", HERE / "metrics"
+DATA, EXPORT = RUNS / "data", RUNS / "bd" / "export"
+
+PROMPT_TEMPLATES = (
+    "Explain {topic} in one sentence.",
+    "Give one interesting fact about {topic}.",
+    "Write one short sentence about {topic}.",
+    "In one sentence, why do people care about {topic}?",
+    "Describe {topic} to a child in one sentence.",
+    "Name three words related to {topic}.",
+    "Write a two-line poem about {topic}.",
+    "What is a common misconception about {topic}? Be brief.",
+)
+TOPICS = (
+    "cats", "the moon", "coffee", "rain", "bicycles", "libraries", "volcanoes", "honey",
+    "trains", "the ocean", "chess", "bread", "winter", "music", "trees", "elephants",
+    "computers", "the sun", "gardens", "friendship", "mountains", "penguins", "tea", "books",
+    "rivers", "clouds", "bees", "pizza", "football", "the internet", "dogs", "snow", "apples",
+    "birds", "cities", "stars", "farming", "painting", "sleep", "exercise",
+)  # fmt: skip
+HELD_OUT_BUCKETS = 15  # of 100: the held-out share of the prompts
+MAX_NEW_TOKENS = 64
+DISTIL_BATCH = 16
+THRESHOLDS = (1.0, 0.9, 0.7)
+SIDE_BY_SIDE = 4
+
+
+def python(*args: str) -> None:
+    """Run `python -m ...` of this checkout's interpreter; stop the study if it fails."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    print("+ python", " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True)
+
+
+def prompt_split() -> dict[str, list[str]]:
+    """Every template x topic prompt, in train or held_out by a stable hash."""
+    splits: dict[str, list[str]] = {"train": [], "held_out": []}
+    for template in PROMPT_TEMPLATES:
+        for topic in TOPICS:
+            prompt = template.format(topic=topic)
+            bucket = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") % 100
+            splits["held_out" if bucket < HELD_OUT_BUCKETS else "train"].append(prompt)
+    return splits
+
+
+def original_model() -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """SmolLM2 exactly as `experiment=smollm2` starts training it (mask token row added)."""
+    cfg = compose_train(["experiment=smollm2"])
+    tokenizer = build_tokenizer(cfg.model)
+    build = {k: cfg.model[k] for k in ("pretrained", "config", "gguf_file", "attn_implementation")}
+    model = build_model(tokenizer, **build).eval()
+    settings = {
+        "mask_token_id": tokenizer.convert_tokens_to_ids(MASK_TOKEN),
+        "stop_token_id": tokenizer.eos_token_id,
+        "block_size": cfg.diffusion.block_size,
+    }
+    return model, tokenizer, settings
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def distil() -> None:
+    """The original model's greedy answers as chat jsonl (train / validation = held-out)."""
+    out = METRICS / "distil.json"
+    if out.exists():
+        return
+    model, tokenizer, settings = original_model()
+    stop = settings["stop_token_id"]
+    report: dict[str, Any] = {"max_new_tokens": MAX_NEW_TOKENS, "splits": {}}
+    started = time.perf_counter()
+    for split, prompts in prompt_split().items():
+        chats, cut = [], 0
+        for start in range(0, len(prompts), DISTIL_BATCH):
+            batch = prompts[start : start + DISTIL_BATCH]
+            ids = [chat_prompt_ids(tokenizer, p) for p in batch]
+            result = generate_ar(model, ids, stop_token_id=stop, max_new_tokens=MAX_NEW_TOKENS)
+            for prompt, tokens in zip(batch, result.tokens, strict=True):
+                if not tokens or tokens[-1] != stop:
+                    cut += 1
+                    continue
+                answer = tokenizer.decode(tokens[:-1], skip_special_tokens=True).strip()
+                chats.append(
+                    {"messages": [{"role": "user", "content": prompt},
+                                  {"role": "assistant", "content": answer}]}
+                )  # fmt: skip
+        write_jsonl(DATA / f"{'validation' if split == 'held_out' else split}.jsonl", chats)
+        report["splits"][split] = {"prompts": len(prompts), "kept": len(chats), "cut": cut}
+    report["seconds"] = time.perf_counter() - started
+    write_json(out, report)
+
+
+def fine_tune(steps: int, lr: float, batch_size: int) -> None:
+    if (EXPORT / "diffusion.json").exists():
+        return
+    python("-m", "src.train", "experiment=smollm2", "data=chat_jsonl",
+           f"data.source.train={DATA / 'train.jsonl'}",
+           f"data.source.validation={DATA / 'validation.jsonl'}",
+           "data.seq_len=256", f"data.batch_size={batch_size}", "data.num_workers=0",
+           f"trainer.max_steps={steps}", f"trainer.val_check_interval={max(steps // 4, 1)}",
+           f"callbacks.model_checkpoint.every_n_train_steps={max(steps // 4, 1)}",
+           f"optim.lr={lr}", f"hydra.run.dir={EXPORT.parent}", f"paths.export_dir={EXPORT}")  # fmt: skip
+
+
+def held_out_losses(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: dict[str, Any]
+) -> dict[str, float]:
+    """AR and block-diffusion perplexity of the held-out answers (fixed noise, like val/loss)."""
+    chats = read_jsonl(DATA / "validation.jsonl")
+    b = settings["block_size"]
+    data = build_sft_dataset(tokenizer, chats, 256, b, True, settings["mask_token_id"])
+    data = data.with_format("torch")
+    ar_sum = bd_sum = ar_tokens = bd_tokens = 0.0
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for start in range(0, len(data), 4):
+            batch = data[start : start + 4]
+            ids, labels = batch["input_ids"], batch["labels"]
+            n_ar = (labels[:, 1:] != -100).sum().item()
+            n_bd = (labels != -100).sum().item()  # the losses' own normalisers
+            ar_sum += ar_loss(model, ids, labels).item() * n_ar
+            bd = block_diffusion_loss(
+                model, ids, labels, mask_token_id=settings["mask_token_id"], block_size=b,
+                generator=generator,
+            )  # fmt: skip
+            bd_sum += bd.item() * n_bd
+            ar_tokens, bd_tokens = ar_tokens + n_ar, bd_tokens + n_bd
+    return {
+        "ar_perplexity": math.exp(ar_sum / ar_tokens),
+        "bd_perplexity": math.exp(bd_sum / bd_tokens),
+    }
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def agreement(reference: list[list[int]], decoded: list[list[int]]) -> dict[str, float]:
+    """Exact match, positional token agreement and shared-prefix share vs `reference`."""
+    pairs = list(zip(reference, decoded, strict=True))
+    matches = sum(x == y for r, d in pairs for x, y in zip(r, d, strict=False))
+    return {
+        "exact": sum(r == d for r, d in pairs) / len(pairs),
+        "token_agreement": matches / sum(len(r) for r in reference),
+        "shared_prefix": sum(shared_prefix(r, d) / len(r) for r, d in pairs) / len(pairs),
+    }
+
+
+def measure() -> None:
+    out = METRICS / "measure.json"
+    if out.exists():
+        return
+    original, tokenizer, settings = original_model()
+    export = load_export(str(EXPORT))
+    assert export.settings["block_size"] == settings["block_size"]
+    prompts = [chat_prompt_ids(tokenizer, p) for p in prompt_split()["held_out"]]
+    stop, mask = settings["stop_token_id"], settings["mask_token_id"]
+
+    def parallel(model: PreTrainedModel, threshold: float) -> Any:
+        return lambda ids: generate(
+            model, [ids], mask_token_id=mask, stop_token_id=stop, block_size=settings["block_size"],
+            sub_block_size=8, threshold=threshold, max_new_tokens=MAX_NEW_TOKENS,
+        )  # fmt: skip
+
+    def ar(model: PreTrainedModel) -> Any:
+        return lambda ids: generate_ar(
+            model, [ids], stop_token_id=stop, max_new_tokens=MAX_NEW_TOKENS
+        )
+
+    decoders = {
+        "original, AR": ar(original),
+        "converted, AR (same weights)": ar(export.model),
+        "original, parallel t=0.9 (no fine-tune)": parallel(original, 0.9),
+        **{f"converted, parallel t={t}": parallel(export.model, t) for t in THRESHOLDS},
+    }
+    results: dict[str, list[GenerationResult]] = {name: [] for name in decoders}
+    for decode in decoders.values():  # warm-up
+        decode(prompts[0])
+    started = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        names = list(decoders)
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            results[name].append(decoders[name](ids))
+    reference = [r.tokens[0] for r in results["original, AR"]]
+    ar_speed = tokens_per_second(results["original, AR"])
+    rows = []
+    for name, runs in results.items():
+        decoded = [r.tokens[0] for r in runs]
+        assert all(mask not in d for d in decoded), "the mask token was emitted"
+        forwards = sum(r.forwards for r in runs)
+        rows.append(
+            {"decoder": name, **agreement(reference, decoded),
+             "tokens": sum(map(len, decoded)),
+             "tokens_per_forward": sum(map(len, decoded)) / forwards,
+             "tokens_per_second": tokens_per_second(runs),
+             "speed_vs_original_ar": tokens_per_second(runs) / ar_speed}
+        )  # fmt: skip
+    side_by_side = [
+        {"prompt": prompt_split()["held_out"][i],
+         **{name: tokenizer.decode(results[name][i].tokens[0], skip_special_tokens=True)
+            for name in ("original, AR", "converted, parallel t=0.9")}}
+        for i in range(SIDE_BY_SIDE)
+    ]  # fmt: skip
+    report = {
+        "held_out_prompts": len(prompts),
+        "decode_seconds": time.perf_counter() - started,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "perplexity": {
+            "before": held_out_losses(original, tokenizer, settings),
+            "after": held_out_losses(export.model, export.tokenizer, settings),
+        },
+        "side_by_side": side_by_side,
+    }
+    write_json(out, report)
+
+
+def tokens_per_second(runs: list[GenerationResult]) -> float:
+    return sum(r.num_tokens for r in runs) / sum(r.seconds for r in runs)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
+
+
+def summarise() -> str:
+    """results.md from metrics/ (distil.json, train.json, measure.json)."""
+    distilled = json.loads((METRICS / "distil.json").read_text())
+    m = json.loads((METRICS / "measure.json").read_text())
+    train = json.loads((METRICS / "train.json").read_text())
+    lines = ["# Results (generated by `run.py --summarise` from `metrics/`)", ""]
+    lines.append(
+        f"Distillation: {distilled['splits']['train']['kept']} train and "
+        f"{distilled['splits']['held_out']['kept']} held-out answers kept "
+        f"({distilled['splits']['train']['cut'] + distilled['splits']['held_out']['cut']} cut "
+        f"by the {distilled['max_new_tokens']}-token limit dropped), "
+        f"{distilled['seconds'] / 60:.1f} min. Fine-tune: {train['steps']} steps, "
+        f"{train['minutes']:.1f} min, lr {train['lr']}, batch {train['batch_size']} x 256 tokens."
+    )
+    lines += ["", f"## Agreement with the original model's AR answers ({m['held_out_prompts']} "
+              "held-out prompts, greedy, batch 1)", "",
+              "| decoder | exact | token agreement | shared prefix | tokens/forward | tokens/s "
+              "| x original AR |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in m["rows"]:
+        lines.append(
+            f"| {r['decoder']} | {r['exact']:.3f} | {r['token_agreement']:.3f} "
+            f"| {r['shared_prefix']:.3f} | {r['tokens_per_forward']:.2f} "
+            f"| {r['tokens_per_second']:.1f} | {r['speed_vs_original_ar']:.2f} |"
+        )
+    p = m["perplexity"]
+    lines += ["", "## Held-out perplexity of the distilled answers", "",
+              "| | before (original + mask row) | after fine-tune |", "|---|---|---|",
+              f"| AR (causal, next token) | {p['before']['ar_perplexity']:.2f} "
+              f"| {p['after']['ar_perplexity']:.2f} |",
+              f"| block diffusion (masked tokens, fixed noise) | {p['before']['bd_perplexity']:.2f} "
+              f"| {p['after']['bd_perplexity']:.2f} |", "", "## Side by side", ""]  # fmt: skip
+    for s in m["side_by_side"]:
+        lines += [f"**{s['prompt']}**", ""]
+        lines += [f"- {k}: {v!r}" for k, v in s.items() if k != "prompt"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--summarise", action="store_true", help="only rebuild results.md")
+    args = parser.parse_args()
+    if not args.summarise:
+        distil()
+        started = time.perf_counter()
+        if not (METRICS / "train.json").exists():
+            fine_tune(args.steps, args.lr, args.batch_size)
+            write_json(METRICS / "train.json", {"steps": args.steps, "lr": args.lr,
+                       "batch_size": args.batch_size,
+                       "minutes": (time.perf_counter() - started) / 60})  # fmt: skip
+        measure()
+    (HERE / "results.md").write_text(summarise())
+    print(f"wrote {HERE / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
