@@ -306,9 +306,14 @@ class DecodeEval(L.Callback):
         parts = _gather(trainer, local)
         if any(part is None for part in parts):
             return {f"decode_eval/{name}/failed": 1.0}
-        result = Evaluation.merge(parts).metrics(metric_name(benchmark))
-        keys = (metric_name(benchmark), "tokens_per_forward", "tokens_per_second", "num_scored")
-        return {f"decode_eval/{name}/{key}": float(result[key]) for key in keys}
+        merged = Evaluation.merge(parts)
+        metric = metric_name(benchmark)
+        result = merged.metrics(metric)
+        keys = (metric, "tokens_per_forward", "tokens_per_second", "num_scored")
+        logged = {f"decode_eval/{name}/{key}": float(result[key]) for key in keys}
+        # Per task family (synthetic): which part of a benchmark is still being learned.
+        by_task = merged.by_task()
+        return logged | {f"decode_eval/{name}/{metric}/{t}": v for t, v in by_task.items()}
 
 
 def _gather(trainer: L.Trainer, local: Evaluation | None) -> list[Evaluation | None]:

@@ -93,6 +93,10 @@ def test_logs_every_n_steps_and_at_the_end(tokenizer, tmp_path):
     metrics = callback.history[-1]
     assert metrics["decode_eval/synthetic/num_scored"] == 3
     assert 0 <= metrics["decode_eval/synthetic/accuracy"] <= 1
+    # The first 3 problems come from three families: their scores average to the overall one.
+    per_task = {k: v for k, v in metrics.items() if k.startswith("decode_eval/synthetic/accuracy/")}
+    assert len(per_task) == 3
+    assert sum(per_task.values()) / 3 == pytest.approx(metrics["decode_eval/synthetic/accuracy"])
     assert metrics["decode_eval/synthetic/tokens_per_forward"] > 0
     assert metrics["decode_eval/synthetic/tokens_per_second"] > 0
     assert 0 < metrics["decode_eval/overhead"] < 1 and metrics["decode_eval/seconds"] > 0

@@ -21,6 +21,7 @@ from `metrics/` alone. A step whose JSON exists is skipped, so an interrupted st
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ ROOT = HERE.parents[1]
 RUNS, METRICS = HERE / "runs", HERE / "metrics"
 AR_INIT = ROOT / "artifacts" / "tiny_ar"
 
+LONG_STEPS = 2700
 # name -> (train overrides, what it is)
 FINE_TUNES = {
     "ar_ft": (["experiment=tiny_ar_ft"], "AR fine-tune (same data and steps)"),
@@ -47,6 +49,22 @@ FINE_TUNES = {
     ),
     "bd_pad": (["experiment=tiny", "diffusion.complementary=false"], "block diffusion, +pad"),
     "bd": (["experiment=tiny"], "block diffusion, +pad +complementary (full recipe)"),
+    # Table 1 disagrees with the paper at 900 steps: is it the budget? Same recipes, 3x steps,
+    # with the test split decoded every 300 steps (per task family) to see where it converges.
+    "ar_ft_long": (
+        ["experiment=tiny_ar_ft", f"trainer.max_steps={LONG_STEPS}"],
+        "AR fine-tune, 3x steps",
+    ),
+    "bd_long": (
+        [
+            "experiment=tiny",
+            f"trainer.max_steps={LONG_STEPS}",
+            "callbacks=decode_eval",
+            "callbacks.decode_eval.limit=200",
+            "callbacks.decode_eval.every_n_steps=300",
+        ],
+        "block diffusion, full recipe, 3x steps",
+    ),  # fmt: skip
 }
 THRESHOLDS = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)
 SUB_BLOCKS = (2, 4, 8, 16, 32)
@@ -57,6 +75,7 @@ PER_TASK_ROWS = (
     ("AR fine-tune, AR", "ar_ft/seed*.json"),
     ("block diffusion, parallel t=0.9 (s=8)", "sub_block/s8_seed*.json"),
     ("block diffusion, parallel t=0.9 (s=2)", "sub_block/s2_seed*.json"),
+    ("block diffusion, left to right (s=1, t=1.0)", "left_to_right/seed*.json"),
 )
 
 
@@ -67,9 +86,17 @@ def python(*args: str) -> None:
     subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True)
 
 
+def ar_init() -> Path:
+    """The AR-init every fine-tune starts from, trained on first use."""
+    if not (AR_INIT / "diffusion.json").exists():
+        python("-m", "src.train", "experiment=tiny_ar")
+    return AR_INIT
+
+
 def fine_tune(name: str, seed: int) -> Path:
     export = RUNS / name / f"seed{seed}" / "export"
     if not (export / "diffusion.json").exists():
+        ar_init()
         # A half-finished run resumes from its run dir's last checkpoint.
         overrides, _ = FINE_TUNES[name]
         python("-m", "src.train", *overrides, f"seed={seed}", f"hydra.run.dir={export.parent}",
@@ -77,10 +104,14 @@ def fine_tune(name: str, seed: int) -> Path:
     return export
 
 
+def missing(*outs: Path) -> bool:
+    """Fine-tunes are only (re)made for measurements not yet in metrics/: a fresh checkout
+    with the committed JSON files reruns nothing."""
+    return not all(out.exists() for out in outs)
+
+
 def evaluate(export: Path, out: Path, *overrides: str) -> None:
     """`src.eval` on the whole test split; its metrics.json is kept as `out`."""
-    if out.exists():
-        return
     run_dir = RUNS / "eval" / out.relative_to(METRICS).with_suffix("")
     python("-m", "src.eval", f"ckpt={export}", "benchmark=synthetic", *overrides,
            f"hydra.run.dir={run_dir}")  # fmt: skip
@@ -88,38 +119,67 @@ def evaluate(export: Path, out: Path, *overrides: str) -> None:
     shutil.copy(run_dir / "metrics.json", out)
 
 
-def bench(bd: Path, ar_ft: Path, out: Path) -> None:
+def bench(bd: Path, ar_ft: Path, out: Path, threads: int = 1) -> None:
     """Table 1 and Fig. 4 for one seed: AR baselines and every threshold, interleaved."""
-    if out.exists():
-        return
     out.parent.mkdir(parents=True, exist_ok=True)
     thresholds = ",".join(map(str, THRESHOLDS))
     python("-m", "src.bench", "decode", f"ckpt={bd}", f"ar_ckpt={ar_ft}", f"out={out}",
-           f"thresholds={thresholds}", "sub_block_cache=false", "batch_sizes=1")  # fmt: skip
+           f"thresholds={thresholds}", "sub_block_cache=false", "batch_sizes=1",
+           f"threads={threads}")  # fmt: skip
+
+
+def decode_eval_curve(run_dir: Path, out: Path) -> None:
+    """The training-time decode evals (`callbacks=decode_eval`) of a run, from its CSV log."""
+    prefix = "decode_eval/synthetic/accuracy"
+    points = []
+    for log in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        for row in csv.DictReader(log.open()):
+            if row.get(prefix):
+                by_task = {task: float(row[f"{prefix}/{task}"]) for task in TASKS}
+                points.append({"step": int(row["step"]), "accuracy": float(row[prefix]),
+                               "by_task": by_task})  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(points, indent=2) + "\n")
 
 
 def run(seeds: Sequence[int]) -> None:
     """Cheapest, most central measurements first: a cut-short study still has Tables 1 and 3
     for every seed."""
-    if not (AR_INIT / "diffusion.json").exists():
-        python("-m", "src.train", "experiment=tiny_ar")
-    evaluate(AR_INIT, METRICS / "ar_init" / "ar.json", "decoder=ar")
+    if missing(METRICS / "ar_init" / "ar.json"):
+        evaluate(ar_init(), METRICS / "ar_init" / "ar.json", "decoder=ar")
+    # One token per step, strictly left to right: are errors the model's or the commits'?
+    left_to_right = ("decode.sub_block_size=1", "decode.threshold=1.0")
     for seed in seeds:
-        bd = fine_tune("bd", seed)
-        ar_ft = fine_tune("ar_ft", seed)
-        bench(bd, ar_ft, METRICS / "bench" / f"seed{seed}.json")
-        evaluate(ar_ft, METRICS / "ar_ft" / f"seed{seed}.json", "decoder=ar")
-        for s in SUB_BLOCKS:
-            evaluate(
-                bd, METRICS / "sub_block" / f"s{s}_seed{seed}.json", f"decode.sub_block_size={s}"
-            )
+        table1 = METRICS / "bench" / f"seed{seed}.json"
+        ar_ft_eval = METRICS / "ar_ft" / f"seed{seed}.json"
+        bd_evals = {
+            METRICS / "sub_block" / f"s{s}_seed{seed}.json": (f"decode.sub_block_size={s}",)
+            for s in SUB_BLOCKS
+        }
+        bd_evals[METRICS / "left_to_right" / f"seed{seed}.json"] = left_to_right
+        if missing(table1):
+            bench(fine_tune("bd", seed), fine_tune("ar_ft", seed), table1)
+        if missing(ar_ft_eval):
+            evaluate(fine_tune("ar_ft", seed), ar_ft_eval, "decoder=ar")
+        for out, overrides in bd_evals.items():
+            if missing(out):
+                evaluate(fine_tune("bd", seed), out, *overrides)
     # Table 2 last: two more fine-tunes per seed for one table.
     for seed in seeds:
         for name in ("bd", "bd_pad", "bd_naive"):
-            export = fine_tune(name, seed)
             for t in ABLATION_THRESHOLDS:
                 out = METRICS / "ablation" / f"{name}_t{t}_seed{seed}.json"
-                evaluate(export, out, f"decode.threshold={t}")
+                if missing(out):
+                    evaluate(fine_tune(name, seed), out, f"decode.threshold={t}")
+    # 3x steps, seed 0 only: Table 1 and Fig. 4 again, on 1 and on both cores.
+    seed = seeds[0]
+    curve = METRICS / "long" / f"curve_seed{seed}.json"
+    if missing(curve):
+        decode_eval_curve(fine_tune("bd_long", seed).parent, curve)
+    for threads in (1, 2):
+        out = METRICS / "long" / f"bench_threads{threads}_seed{seed}.json"
+        if missing(out):
+            bench(fine_tune("bd_long", seed), fine_tune("ar_ft_long", seed), out, threads)
 
 
 def mean_spread(values: Sequence[float]) -> str:
@@ -202,6 +262,7 @@ def summarise() -> str:
         cells = [mean_spread([m["by_task"][task] for m in ms]) for task in TASKS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
+    lines += long_budget()
     lines += ["", "## Fig. 4 shape (batch 1): `fig4_threshold.png`", "",
               "| threshold | accuracy | tokens/s | tokens/forward | x AR-FT tokens/s |",
               "|---|---|---|---|---|"]  # fmt: skip
@@ -219,6 +280,33 @@ def summarise() -> str:
     if benches:
         plot_fig4(points, rows("ar (ar_ckpt) bs=1"))
     return "\n".join(lines) + "\n"
+
+
+def long_budget() -> list[str]:
+    """The 3x-steps runs: decode-eval curve per task family, and their Table 1 rows."""
+    curves = sorted(METRICS.glob("long/curve_seed*.json"))
+    if not curves:
+        return []
+    lines = ["", f"## 3x steps ({LONG_STEPS}), seed {curves[0].stem.split('_seed')[1]}", "",
+             "Block-diffusion fine-tune, test split (200) decoded during training "
+             "(threshold 0.9, batch 8):", "",
+             "| step | accuracy | " + " | ".join(TASKS) + " |",
+             "|---|---|" + "---|" * len(TASKS)]  # fmt: skip
+    for point in json.loads(curves[0].read_text()):
+        cells = " | ".join(f"{point['by_task'][task]:.2f}" for task in TASKS)
+        lines.append(f"| {point['step']} | {point['accuracy']:.3f} | {cells} |")
+    for bench_file in sorted(METRICS.glob("long/bench_threads*_seed*.json")):
+        report = json.loads(bench_file.read_text())
+        lines += ["", f"Table 1 at 3x steps, {report['threads']} thread(s), "
+                  f"{report['num_prompts']} test problems, batch 1 (`{bench_file.name}`):", "",
+                  "| variant | accuracy | tokens/s | tokens/forward | x AR-FT tokens/s |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in report["rows"]:
+            lines.append(
+                f"| {r['variant']} | {r['accuracy']:.3f} | {r['tokens_per_second']:.0f} "
+                f"| {r['tokens_per_forward']:.2f} | {r['speedup_vs_ar']:.2f} |"
+            )
+    return lines
 
 
 def plot_fig4(points: list[tuple[float, list[float], list[float]]], ar: list[dict]) -> None:
