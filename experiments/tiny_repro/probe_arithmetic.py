@@ -5,23 +5,20 @@
 
 Each arithmetic test problem ("3 + 4 = 7. 7 - 2 = 5. 5 + 1 = 6. The answer is 6.") is rendered
 as in training, and each step's result r is scored, teacher-forced, through the shifted logit
-of one block-causal forward (the decoder's attention) in two conditions:
+of one block-causal forward (the decoder's attention) in four conditions:
 
 - left to right: every token before r clean; r and the rest of its block masked. This is all
   that decoding strictly left to right ever shows the model;
 - copy visible: the same, plus the later copy of r in the block left clean (the operand that
-  starts the next step, or the final answer after the last step).
-
+  starts the next step, or the final answer after the last step);
 - nothing after: r masked and the sequence cut after it, so no mask token follows (never
-  seen in training, where every block is full).
-
-In training a masked result often has its copy visible. A model that computes the result
-scores the same in the first two conditions; one that learned to copy scores higher with the
-copy. The third asks whether the mask tokens after r are what disturbs it.
-
+  seen in training, where every block is full);
 - operands masked: "left to right" with the step's own operands ("a op b" before "= r") masked
-  too, where they lie in r's block (steps 2 and 3; step 1's are in the prompt's block). A model
-  that reads them drops; one that sums the prompt's terms instead does not.
+  too, where they lie in r's block (steps 2 and 3; step 1's are in the prompt's block).
+
+In training a masked result often has its copy visible: a model that learned to copy scores
+higher with the copy than without. The third asks whether the mask tokens after r disturb
+it; the fourth, whether it reads the operands (it drops without them) or gets r elsewhere.
 """
 
 from __future__ import annotations

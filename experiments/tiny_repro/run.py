@@ -19,8 +19,8 @@ from `metrics/` alone. A step whose JSON exists is skipped, so an interrupted st
 - More steps (seed 0): the block-diffusion fine-tune at 2700 and 5400 steps (AR control at
   2700), the test split decoded every 300 steps during training, then Table 1 at sub-block 8
   and 32, on 1 and 2 threads.
-- Where the arithmetic gap comes from (seed 0, 900 steps): lower fine-tune learning rates, a
-  2x wider model, and `probe_arithmetic.py` on each fine-tune.
+- Where the arithmetic gap comes from (seed 0, 900 steps): fine-tune learning rates on both
+  sides of the default, a 2x wider model, and `probe_arithmetic.py` on each fine-tune.
 """
 
 from __future__ import annotations
@@ -84,11 +84,9 @@ FINE_TUNES |= {
     for lr in GAP_LRS
 }
 FINE_TUNES["ar_wide"] = (["experiment=tiny_ar", *WIDE, "optim.lr=1.5e-3"], "AR-init, 2x wider")
-FINE_TUNES["bd_wide"] = (
-    ["experiment=tiny", f"model.pretrained={RUNS / 'ar_wide' / 'seed{seed}' / 'export'}",
-     "optim.lr=1e-3", *CURVE],
-    "block diffusion, 2x wider",
-)  # fmt: skip
+FINE_TUNES["bd_wide"] = (["experiment=tiny", "optim.lr=1e-3", *CURVE], "block diffusion, 2x wider")
+# A fine-tune named here starts from that run's export instead of the default AR-init.
+STARTS_FROM = {"bd_wide": "ar_wide"}
 # The fine-tunes that `probe_arithmetic.py` probes.
 PROBED = ("bd", f"bd_{LONG_STEPS[0]}", *(f"bd_lr{lr}" for lr in GAP_LRS), "bd_wide")
 THRESHOLDS = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)
@@ -121,9 +119,12 @@ def ar_init() -> Path:
 def fine_tune(name: str, seed: int) -> Path:
     export = RUNS / name / f"seed{seed}" / "export"
     if not (export / "diffusion.json").exists():
-        ar_init()
+        overrides = list(FINE_TUNES[name][0])
+        if name in STARTS_FROM:
+            overrides.append(f"model.pretrained={fine_tune(STARTS_FROM[name], seed)}")
+        else:
+            ar_init()
         # A half-finished run resumes from its run dir's last checkpoint.
-        overrides = [o.format(seed=seed) for o in FINE_TUNES[name][0]]
         python("-m", "src.train", *overrides, f"seed={seed}", f"hydra.run.dir={export.parent}",
                f"paths.export_dir={export}")  # fmt: skip
     return export
@@ -231,13 +232,10 @@ def run(seeds: Sequence[int]) -> None:
         evaluate(fine_tune("ar_wide", seed), ar_wide_eval, "decoder=ar")
     curve = METRICS / "arith_gap" / f"curve_wide_seed{seed}.json"
     if missing(curve):
-        fine_tune("ar_wide", seed)
         decode_eval_curve(fine_tune("bd_wide", seed).parent, curve)
     for name in PROBED:
         out = METRICS / "arith_gap" / f"probe_{name}_seed{seed}.json"
         if missing(out):
-            if name == "bd_wide":
-                fine_tune("ar_wide", seed)
             python(str(HERE / "probe_arithmetic.py"), str(fine_tune(name, seed)), f"--out={out}")
 
 
