@@ -12,44 +12,24 @@ preempted or killed job started again in the same run directory continues where 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedTokenizerBase
 
-from src.callbacks import PreemptionCheckpoint
-from src.config import ConfigError, validate_train
-from src.lit_module import DiffusionLM
-from src.model import ensure_mask_token, load_tokenizer
+from src.config import ConfigError
+from src.model import build_tokenizer
+from src.training.checks import check_train
+from src.training.module import DiffusionLM
+from src.training.resume import resume_path
 
 log = logging.getLogger(__name__)
 
 
-def build_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
-    """The run's tokenizer (with the mask token): trained for scratch models, else the model's."""
-    if model_cfg.get("tokenizer") is not None:
-        tokenizer = instantiate(model_cfg.tokenizer)
-        ensure_mask_token(tokenizer)
-        return tokenizer
-    return load_tokenizer(model_cfg.pretrained, gguf_file=model_cfg.get("gguf_file"))
-
-
-def resume_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path=last`: the newest of this run's `last.ckpt` and the checkpoint written when
-    SLURM signalled a preemption (`PreemptionCheckpoint`)."""
-    if cfg.ckpt_path != "last":
-        return cfg.ckpt_path
-    names = ("last.ckpt", PreemptionCheckpoint.FILENAME)
-    candidates = [os.path.join(cfg.paths.ckpt_dir, name) for name in names]
-    return max(filter(os.path.exists, candidates), key=os.path.getmtime, default=None)
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
-    validate_train(cfg)
+    check_train(cfg)
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = build_tokenizer(cfg.model)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)

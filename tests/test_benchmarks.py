@@ -9,9 +9,9 @@ import pytest
 from hydra import compose, initialize
 from hydra.utils import instantiate
 
-from src.benchmarks import NAMES, get
-from src.benchmarks.code import extract_code
-from src.benchmarks.reasoning import (
+from src.evaluation.benchmarks import NAMES, get
+from src.evaluation.benchmarks.code import extract_code
+from src.evaluation.benchmarks.reasoning import (
     extract_boxed,
     extract_gsm8k_answer,
     gsm8k_reference,

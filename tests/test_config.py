@@ -11,7 +11,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from src.config import ConfigError, validate_decode, validate_diffusion, validate_model_source
+from src.config import ConfigError
+from src.data.sft import check_lengths
+from src.decoding import DecodeSettings
+from src.diffusion import check_diffusion
+from src.model import check_model_source
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -22,8 +26,10 @@ GROUPS = sorted(
 GROUPS = [g for g in GROUPS if g not in ("hydra", "experiment")]
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+def options(group: str, nested: bool = False) -> list[str]:
+    """The options of a config group; `nested`: also those in subfolders (`tiny_repro/bd`)."""
+    paths = (CONF / group).rglob("*.yaml") if nested else (CONF / group).glob("*.yaml")
+    return sorted(str(p.relative_to(CONF / group).with_suffix("")) for p in paths)
 
 
 def compose_train(*overrides: str):
@@ -34,7 +40,7 @@ def compose_train(*overrides: str):
 @pytest.mark.parametrize(
     "override",
     [f"{g}={o}" for g in GROUPS for o in options(g)]
-    + [f"experiment={o}" for o in options("experiment")],
+    + [f"experiment={o}" for o in options("experiment", nested=True)],
 )
 def test_every_config_composes(override):
     cfg = compose_train(override)
@@ -53,7 +59,8 @@ def run_train(*overrides: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("experiment", options("experiment"))
+# Every top-level experiment, and a study's run (they all compose in-process above).
+@pytest.mark.parametrize("experiment", [*options("experiment"), "tiny_repro/bd_wide"])
 def test_cfg_job_shows_the_resolved_config(experiment):
     result = run_train(f"experiment={experiment}", "--cfg", "job", "--resolve")
     assert result.returncode == 0, result.stderr
@@ -84,28 +91,29 @@ def diffusion(**kw):
 
 
 def decode(**kw):
-    base = dict(block_size=32, sub_block_size=8, threshold=0.9)
-    return OmegaConf.create({**base, **kw})
+    base = dict(block_size=32, sub_block_size=8, threshold=0.9, max_new_tokens=128)
+    base |= dict(use_sub_block_cache=False, temperature=0.0, top_p=1.0)
+    return DecodeSettings.resolve(OmegaConf.create({**base, **kw}), 32)
 
 
 @pytest.mark.parametrize(
     "check,match",
     [
         (
-            lambda: validate_diffusion(diffusion(), seq_len=100),
+            lambda: check_lengths(100, diffusion().block_size),
             "data.seq_len=100 is not a multiple",
         ),
         (
-            lambda: validate_diffusion(diffusion(block_size=0)),
+            lambda: check_lengths(128, diffusion(block_size=0).block_size),
             "diffusion.block_size=0 must be >= 1",
         ),
-        (lambda: validate_diffusion(diffusion(objective="mdlm")), "choose block_diffusion or ar"),
-        (lambda: validate_decode(decode(sub_block_size=5)), "decode.sub_block_size=5 must divide"),
+        (lambda: check_diffusion(diffusion(objective="mdlm")), "choose block_diffusion or ar"),
+        (lambda: decode(sub_block_size=5), "decode.sub_block_size=5 must divide"),
         (
-            lambda: validate_decode(decode(threshold=1.5)),
+            lambda: decode(threshold=1.5),
             r"decode.threshold=1.5 must be in \[0, 1\]",
         ),
-        (lambda: validate_decode(decode(threshold=-0.1)), "decode.threshold=-0.1"),
+        (lambda: decode(threshold=-0.1), "decode.threshold=-0.1"),
     ],
 )
 def test_bad_values_raise_one_line_errors(check, match):
@@ -122,7 +130,7 @@ def test_missing_model_path_names_the_experiment_that_makes_it(tmp_path):
         }
     )
     with pytest.raises(ConfigError, match="experiment=tiny_ar"):
-        validate_model_source(model)
+        check_model_source(model)
 
 
 def test_bad_config_fails_before_any_model_is_loaded(tmp_path):

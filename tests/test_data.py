@@ -7,25 +7,14 @@ import logging
 import pytest
 import torch
 
+from src.config import ConfigError
 from src.data.datamodule import ChatDataModule
-from src.data.sft import build_sft_dataset, mask_token_id_of, pack, render_chat
-from src.data.synthetic import (
-    TASKS,
-    exact_match,
-    generate_split,
-    read_jsonl,
-    split_of,
-    write_jsonl,
-)
-from src.data.tokenizer import (
-    IM_END,
-    IM_START,
-    MASK_TOKEN,
-    synthetic_tokenizer,
-    train_tokenizer,
-)
+from src.data.jsonl import read_jsonl, write_jsonl
+from src.data.sft import build_sft_dataset, pack, render_chat
+from src.data.synthetic import TASKS, exact_match, generate_split, split_of
+from src.data.tokenizer import IM_END, IM_START, synthetic_tokenizer, train_tokenizer
 from src.diffusion.loss import IGNORE_INDEX
-from src.errors import ConfigError
+from src.model import MASK_TOKEN, mask_token_id_of
 
 SEQ_LEN, BLOCK = 256, 32
 
@@ -169,7 +158,7 @@ def test_missing_chat_template_raises(tok):
 
 
 def test_seq_len_must_be_a_multiple_of_block_size(tok):
-    with pytest.raises(ValueError, match="multiple of block_size"):
+    with pytest.raises(ValueError, match="is not a multiple of diffusion.block_size"):
         build_sft_dataset(tok, generate_split("train", 2), 100, BLOCK)
 
 

@@ -267,7 +267,7 @@ def test_sampling_is_seeded_and_batched():
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(sub_block_size=3), "divide block_size"),
+        (dict(sub_block_size=3), "must divide"),
         (dict(threshold=-0.1), "threshold"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(prompt_ids=[[1, 2], []]), "non-empty"),

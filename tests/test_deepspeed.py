@@ -19,9 +19,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from src.config import ConfigError, validate_strategy
+from src.config import ConfigError
 from src.data.tokenizer import train_tokenizer
-from src.distributed import deepspeed_config
+from src.training.checks import check_strategy
+from src.training.zero import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"]
@@ -61,8 +62,8 @@ def test_deepspeed_on_cpu_is_a_config_error(accelerator):
         pytest.skip("auto resolves to CUDA here")
     cfg = compose_train("strategy=deepspeed_zero3", f"trainer.accelerator={accelerator}")
     with pytest.raises(ConfigError, match="strategy=ddp"):
-        validate_strategy(cfg.trainer)
-    validate_strategy(compose_train("strategy=ddp", "trainer.accelerator=cpu").trainer)
+        check_strategy(cfg.trainer)
+    check_strategy(compose_train("strategy=ddp", "trainer.accelerator=cpu").trainer)
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +111,9 @@ def _worker(rank: int, port: int, setup: dict, out: str) -> None:
     from hydra.utils import instantiate
     from lightning.pytorch.strategies.strategy import _ForwardRedirection
 
-    from src.distributed import gathered_parameters
-    from src.export import save_export
-    from src.lit_module import DiffusionLM
-    from src.model import load_tokenizer
+    from src.model import load_tokenizer, save_export
+    from src.training.module import DiffusionLM
+    from src.training.zero import gathered_parameters
 
     deepspeed.init_distributed("gloo")
     tokenizer = load_tokenizer(setup["pretrained"])
@@ -188,8 +188,8 @@ def run_deepspeed(strategy: str, pretrained: Path, out: Path, *overrides: str) -
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_zero_training_checkpoint_and_export(strategy, pretrained, tmp_path):
-    from src.distributed import export_lightning_zero_checkpoint
-    from src.export import load_export
+    from src.model import load_export
+    from src.training.zero_export import export_lightning_zero_checkpoint
 
     # Tiny tensors stay unpartitioned under the default persistence threshold: partition all.
     shard_all = ["trainer.strategy.config.zero_optimization.stage3_param_persistence_threshold=0"]

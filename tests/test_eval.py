@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from src.benchmarks import get
-from src.config import ConfigError, resolve_decode
-from src.decoding import generate
-from src.eval import evaluate_export
-from src.evaluation import evaluate, render_prompts, score_safely
-from src.export import load_export
+from src.config import ConfigError
+from src.decoding import DecodeSettings, generate, make_decoder
+from src.evaluation.benchmarks import get
+from src.evaluation.run import evaluate_export
+from src.evaluation.runner import evaluate, render_prompts, score_safely
+from src.model import load_export
 from tests.fixtures.exports import DECODE, make_export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,26 +52,24 @@ def run_eval(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_resolve_decode_defaults_to_trained_block_size():
-    assert resolve_decode(DECODE, 8)["block_size"] == 8
+    assert DecodeSettings.resolve(DECODE, 8).block_size == 8
     with pytest.raises(ConfigError, match="allow_block_size_mismatch"):
-        resolve_decode({**DECODE, "block_size": 16}, 8)
+        DecodeSettings.resolve({**DECODE, "block_size": 16}, 8)
     allowed = {**DECODE, "block_size": 16, "allow_block_size_mismatch": True}
-    assert resolve_decode(allowed, 8)["block_size"] == 16
+    assert DecodeSettings.resolve(allowed, 8).block_size == 16
     with pytest.raises(ConfigError, match="sub_block_size"):
-        resolve_decode({**DECODE, "sub_block_size": 3}, 8)
+        DecodeSettings.resolve({**DECODE, "sub_block_size": 3}, 8)
 
 
 def test_batched_evaluate_gives_each_prompt_its_own_decode(export):
     bench = get("synthetic", n=5)
     problems = bench.load()
-    decode = resolve_decode(DECODE, 8)
+    decoder = make_decoder(export, DECODE)
+    evaluation = evaluate(decoder, bench, problems, batch_size=2)
+    tok = export.tokenizer
     settings = export.settings
     ids = {"mask_token_id": settings["mask_token_id"], "stop_token_id": settings["stop_token_id"]}
-    evaluation = evaluate(
-        export.model, export.tokenizer, bench, problems, decode=decode, batch_size=2, **ids
-    )
-    tok = export.tokenizer
-    kwargs = {k: v for k, v in decode.items() if k != "allow_block_size_mismatch"}
+    kwargs = decoder.settings.generate_kwargs()
     for text, sample in zip(render_prompts(tok, bench, problems), evaluation.samples, strict=True):
         alone = generate(export.model, [tok(text)["input_ids"]], **ids, **kwargs)
         assert sample["prompt"] == text
@@ -84,12 +82,8 @@ def test_batched_evaluate_gives_each_prompt_its_own_decode(export):
 def test_accuracy_counts_exact_matches(export, tmp_path):
     """Answers set to the model's own responses for half the problems: accuracy is 0.5."""
     problems = get("synthetic", n=4).load()
-    settings = export.settings
-    ids = {"mask_token_id": settings["mask_token_id"], "stop_token_id": settings["stop_token_id"]}
-    decode = resolve_decode(DECODE, 8)
-    first = evaluate(
-        export.model, export.tokenizer, get("synthetic"), problems, decode=decode, **ids
-    )
+    decoder = make_decoder(export, DECODE)
+    first = evaluate(decoder, get("synthetic"), problems)
     rows = [
         {**p, "answer": s["response"] if i % 2 == 0 else "no such answer"}
         for i, (p, s) in enumerate(zip(problems, first.samples, strict=True))
@@ -97,7 +91,7 @@ def test_accuracy_counts_exact_matches(export, tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bench = get("synthetic", path=str(path))
-    again = evaluate(export.model, export.tokenizer, bench, bench.load(), decode=decode, **ids)
+    again = evaluate(decoder, bench, bench.load())
     assert again.metrics("accuracy")["accuracy"] == 0.5
     assert [s["score"] for s in again.samples] == [True, False, True, False]
     assert again.by_task() == {p["task"]: float(i % 2 == 0) for i, p in enumerate(problems)}

@@ -8,11 +8,11 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from src.benchmarks import get
 from src.data.tokenizer import synthetic_tokenizer
-from src.evaluation import DecodeEval
-from src.lit_module import DiffusionLM
+from src.evaluation.benchmarks import get
 from src.model import ensure_mask_token
+from src.training.decode_eval import DecodeEval
+from src.training.module import DiffusionLM
 from tests.fixtures.exports import DECODE, TINY_CONFIG
 
 BLOCK = 8

@@ -15,8 +15,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from src.export import load_export
-from src.generate import Chat, check_config
+from src.decoding import Chat, make_decoder
+from src.generate import check_config
+from src.model import load_export
 from tests.fixtures.exports import make_export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def expected_replies(export_dir: str, users: list[str], **decode) -> list[str]:
     export = load_export(export_dir)
     defaults = dict(block_size=BLOCK, sub_block_size=8, threshold=0.9, max_new_tokens=MAX_NEW)
     defaults |= dict(use_sub_block_cache=False, temperature=0.0, top_p=1.0) | decode
-    chat = Chat(export, defaults, decoder="diffusion")
+    chat = Chat(make_decoder(export, defaults, decoder="diffusion"))
     return [chat.reply(user)[0] for user in users]
 
 
@@ -145,7 +146,7 @@ def test_bad_config_is_a_clear_error(export_dir: str, overrides: list[str], mess
 
 def test_decode_block_size_comes_from_the_export(export_dir: str) -> None:
     decode = check_config(compose_generate([f"ckpt={export_dir}", "prompt=hi"]))
-    assert decode["block_size"] == BLOCK
+    assert decode.block_size == BLOCK
 
 
 @pytest.mark.slow
@@ -157,9 +158,9 @@ def test_bench_decode_smoke(export_dir: str, tmp_path: Path) -> None:
         f"ckpt={export_dir}",
         f"ar_ckpt={export_dir}",
         "limit=2",
-        "thresholds=1.0,0.5",
-        "sub_block_cache=false,true",
-        "batch_sizes=1,2",
+        "thresholds=[1.0,0.5]",
+        "sub_block_cache=[false,true]",
+        "batch_sizes=[1,2]",
         "decode.max_new_tokens=8",
         f"out={out}",
     )

@@ -14,7 +14,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
 from src.decoding import generate
-from src.lm_eval_adapter import FastDLLM, cut_at
+from src.evaluation.lm_eval import FastDLLM, cut_at
 from tests.fixtures.exports import make_export
 
 ROOT = Path(__file__).resolve().parents[1]

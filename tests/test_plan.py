@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from transformers import AutoConfig, Qwen2Config
 
-from src.plan import KNOWN_ARCHITECTURES, memory_plan
+from src.training.plan import KNOWN_ARCHITECTURES, memory_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN7B = "Qwen/Qwen2.5-7B-Instruct"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from src.report import mark_pareto, read_runs, read_wandb_sweep
+from src.evaluation.report import mark_pareto, read_runs, read_wandb_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 # (sub_block_size, threshold, accuracy, tokens/s): lower thresholds are faster and less accurate;

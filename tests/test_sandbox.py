@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from src.sandbox import bwrap_available, run_many, run_program
+from src.evaluation.sandbox import bwrap_available, run_many, run_program
 
 MODES = [
     pytest.param(True, id="bwrap"),

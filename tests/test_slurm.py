@@ -22,7 +22,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict, read_write
 
 from src.config import ConfigError
-from src.launch_checks import check_partition, check_resources, gpus_per_node, job_overrides
+from src.config.launch import check_partition, check_resources, job_overrides
+from src.config.resolvers import gpus_per_node
 from tests.conftest import SMALL, logged
 
 ROOT = Path(__file__).resolve().parents[1]

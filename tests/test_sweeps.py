@@ -14,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from src.config import ConfigError
-from src.launch_checks import check_sweep, entry_and_overrides, sweep_commands
+from src.config.launch import check_sweep, entry_and_overrides, sweep_commands
 from tests.conftest import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from src.export import read_settings
+from src.model import read_settings
 from tests.conftest import logged, run_train
 
 

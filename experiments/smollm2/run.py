@@ -1,7 +1,7 @@
 """Study 2: does block-diffusion conversion preserve a real pretrained AR model?
 
     make smollm2-study                                  # distil, fine-tune, measure (CPU)
-    .venv/bin/python experiments/smollm2/run.py --steps 150
+    .venv/bin/python experiments/smollm2/run.py --prompts 16
     .venv/bin/python experiments/smollm2/run.py --summarise   # results.md from metrics/
 
 Self-distillation on SmolLM2-135M-Instruct (`experiment=smollm2`):
@@ -10,8 +10,9 @@ Self-distillation on SmolLM2-135M-Instruct (`experiment=smollm2`):
 2. distil: the original model's greedy chat answers (HF `generate`, at most `MAX_NEW_TOKENS`).
    Answers the token limit cut off are dropped: they would teach the model to stop where the
    limit, not the model, stopped;
-3. fine-tune: `python -m src.train experiment=smollm2` on the train answers (block diffusion,
-   full recipe), into `runs/bd/` (git-ignored; it resumes from its last checkpoint);
+3. fine-tune: `python -m src.train experiment=smollm2_study/bd` on the train answers (block
+   diffusion, full recipe; conf/experiment/smollm2_study/bd.yaml), into `runs/bd/`
+   (git-ignored; it resumes from its last checkpoint);
 4. measure on the held-out prompts, all decoders interleaved prompt by prompt in one process
    (batch 1, greedy): how often cached parallel decoding reproduces the original model's AR
    answer (exact, and token agreement), tokens per forward and tokens/s against the original's
@@ -37,20 +38,18 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from src.config import compose
+from src.data.jsonl import read_jsonl, write_jsonl
+from src.data.sft import build_sft_dataset
+from src.decoding import Decoder, DecodeSettings, GenerationResult, chat_prompt_ids, make_decoder
+from src.diffusion import ar_loss, block_diffusion_loss
+from src.model import Export, build_tokenizer, load_export, mask_token_id_of, model_from_config
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
-
-from src.bench import compose_train  # noqa: E402
-from src.data.sft import build_sft_dataset  # noqa: E402
-from src.data.synthetic import read_jsonl, write_jsonl  # noqa: E402
-from src.decoding import GenerationResult, generate, generate_ar  # noqa: E402
-from src.diffusion import ar_loss, block_diffusion_loss  # noqa: E402
-from src.export import load_export  # noqa: E402
-from src.model import MASK_TOKEN, build_model  # noqa: E402
-from src.train import build_tokenizer  # noqa: E402
-
 RUNS, METRICS = HERE / "runs", HERE / "metrics"
+# The fine-tune (conf/experiment/smollm2_study/bd.yaml) reads its chats from runs/data/.
+FINE_TUNE = "experiment=smollm2_study/bd"
 DATA, EXPORT = RUNS / "data", RUNS / "bd" / "export"
 
 PROMPT_TEMPLATES = (
@@ -96,25 +95,28 @@ def prompt_split() -> dict[str, list[str]]:
     return splits
 
 
-def original_model() -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    """SmolLM2 exactly as `experiment=smollm2` starts training it (mask token row added)."""
-    cfg = compose_train(["experiment=smollm2"])
+def original_model() -> Export:
+    """SmolLM2 exactly as the fine-tune starts training it (mask token row added)."""
+    cfg = compose("train", [FINE_TUNE])
     tokenizer = build_tokenizer(cfg.model)
-    build = {k: cfg.model[k] for k in ("pretrained", "config", "gguf_file", "attn_implementation")}
-    model = build_model(tokenizer, **build).eval()
+    model = model_from_config(tokenizer, cfg.model).eval()
     settings = {
-        "mask_token_id": tokenizer.convert_tokens_to_ids(MASK_TOKEN),
+        "mask_token_id": mask_token_id_of(tokenizer),
         "stop_token_id": tokenizer.eos_token_id,
         "block_size": cfg.diffusion.block_size,
     }
-    return model, tokenizer, settings
+    return Export(model, tokenizer, settings)
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def decoder(export: Export, name: str, threshold: float = 1.0) -> Decoder:
+    """Greedy decoding of at most `MAX_NEW_TOKENS`, sub-block 8: `ar`, or `diffusion` at
+    `threshold`."""
+    decode = DecodeSettings.defaults() | {"sub_block_size": 8, "max_new_tokens": MAX_NEW_TOKENS}
+    return make_decoder(export, decode | {"threshold": threshold}, decoder=name)
+
+
+def user_prompt_ids(decoder: Decoder, prompt: str) -> list[int]:
+    return chat_prompt_ids(decoder, [{"role": "user", "content": prompt}])
 
 
 def distil() -> None:
@@ -122,16 +124,15 @@ def distil() -> None:
     out = METRICS / "distil.json"
     if out.exists():
         return
-    model, tokenizer, settings = original_model()
-    stop = settings["stop_token_id"]
+    ar = decoder(original_model(), "ar")
+    tokenizer, stop = ar.tokenizer, ar.export.settings["stop_token_id"]
     report: dict[str, Any] = {"max_new_tokens": MAX_NEW_TOKENS, "splits": {}}
     started = time.perf_counter()
     for split, prompts in prompt_split().items():
         chats, cut = [], 0
         for start in range(0, len(prompts), DISTIL_BATCH):
             batch = prompts[start : start + DISTIL_BATCH]
-            ids = [chat_prompt_ids(tokenizer, p) for p in batch]
-            result = generate_ar(model, ids, stop_token_id=stop, max_new_tokens=MAX_NEW_TOKENS)
+            result = ar.generate([user_prompt_ids(ar, p) for p in batch])
             for prompt, tokens in zip(batch, result.tokens, strict=True):
                 if not tokens or tokens[-1] != stop:
                     cut += 1
@@ -147,16 +148,12 @@ def distil() -> None:
     write_json(out, report)
 
 
-def fine_tune(steps: int, lr: float, batch_size: int) -> None:
+def fine_tune() -> None:
     if (EXPORT / "diffusion.json").exists():
         return
-    python("-m", "src.train", "experiment=smollm2", "data=chat_jsonl",
-           f"data.source.train={DATA / 'train.jsonl'}",
-           f"data.source.validation={DATA / 'validation.jsonl'}",
-           "data.seq_len=256", f"data.batch_size={batch_size}", "data.num_workers=0",
-           f"trainer.max_steps={steps}", f"trainer.val_check_interval={max(steps // 4, 1)}",
-           f"callbacks.model_checkpoint.every_n_train_steps={max(steps // 4, 1)}",
-           f"optim.lr={lr}", f"hydra.run.dir={EXPORT.parent}", f"paths.export_dir={EXPORT}")  # fmt: skip
+    python(
+        "-m", "src.train", FINE_TUNE, f"hydra.run.dir={EXPORT.parent}", f"paths.export_dir={EXPORT}"
+    )
 
 
 def held_out_losses(
@@ -209,37 +206,26 @@ def measure(num_prompts: int) -> None:
     out = METRICS / "measure.json"
     if out.exists():
         return
-    original, tokenizer, settings = original_model()
+    original = original_model()
     export = load_export(str(EXPORT))
+    settings = original.settings
     assert export.settings["block_size"] == settings["block_size"]
+    tokenizer, mask = original.tokenizer, settings["mask_token_id"]
     held_out = prompt_split()["held_out"][:num_prompts]
-    prompts = [chat_prompt_ids(tokenizer, p) for p in held_out]
-    stop, mask = settings["stop_token_id"], settings["mask_token_id"]
-
-    def parallel(model: PreTrainedModel, threshold: float) -> Any:
-        return lambda ids: generate(
-            model, [ids], mask_token_id=mask, stop_token_id=stop, block_size=settings["block_size"],
-            sub_block_size=8, threshold=threshold, max_new_tokens=MAX_NEW_TOKENS,
-        )  # fmt: skip
-
-    def ar(model: PreTrainedModel) -> Any:
-        return lambda ids: generate_ar(
-            model, [ids], stop_token_id=stop, max_new_tokens=MAX_NEW_TOKENS
-        )
-
     decoders = {
-        "original, AR": ar(original),
-        "converted, AR (same weights)": ar(export.model),
-        **{f"converted, parallel t={t}": parallel(export.model, t) for t in THRESHOLDS},
+        "original, AR": decoder(original, "ar"),
+        "converted, AR (same weights)": decoder(export, "ar"),
+        **{f"converted, parallel t={t}": decoder(export, "diffusion", t) for t in THRESHOLDS},
     }
+    prompts = [user_prompt_ids(decoders["original, AR"], p) for p in held_out]
     results: dict[str, list[GenerationResult]] = {name: [] for name in decoders}
-    for decode in decoders.values():  # warm-up
-        decode(prompts[0])
+    for d in decoders.values():  # warm-up
+        d.generate([prompts[0]])
     started = time.perf_counter()
     for i, ids in enumerate(prompts):
         names = list(decoders)
         for name in names[i % len(names) :] + names[: i % len(names)]:
-            results[name].append(decoders[name](ids))
+            results[name].append(decoders[name].generate([ids]))
         print(f"decoded held-out prompt {i + 1}/{len(prompts)}", flush=True)
     reference = [r.tokens[0] for r in results["original, AR"]]
     ar_speed = tokens_per_second(results["original, AR"])
@@ -267,7 +253,7 @@ def measure(num_prompts: int) -> None:
         "threads": torch.get_num_threads(),
         "rows": rows,
         "perplexity": {
-            "before": held_out_losses(original, tokenizer, settings),
+            "before": held_out_losses(original.model, tokenizer, settings),
             "after": held_out_losses(export.model, export.tokenizer, settings),
         },
         "side_by_side": side_by_side,
@@ -327,9 +313,6 @@ def summarise() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts to decode")
     parser.add_argument("--summarise", action="store_true", help="only rebuild results.md")
     args = parser.parse_args()
@@ -337,9 +320,10 @@ def main() -> None:
         distil()
         started = time.perf_counter()
         if not (METRICS / "train.json").exists():
-            fine_tune(args.steps, args.lr, args.batch_size)
-            write_json(METRICS / "train.json", {"steps": args.steps, "lr": args.lr,
-                       "batch_size": args.batch_size,
+            fine_tune()
+            cfg = compose("train", [FINE_TUNE])
+            write_json(METRICS / "train.json", {"steps": cfg.trainer.max_steps, "lr": cfg.optim.lr,
+                       "batch_size": cfg.data.batch_size,
                        "minutes": (time.perf_counter() - started) / 60})  # fmt: skip
         measure(args.prompts)
     (HERE / "results.md").write_text(summarise())

@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from src.data.sft import IGNORE_INDEX, render_chat  # noqa: E402
-from src.data.synthetic import generate_split  # noqa: E402
-from src.diffusion.masks import additive_mask, block_causal_allowed  # noqa: E402
-from src.export import load_export  # noqa: E402
+from src.data.sft import render_chat
+from src.data.synthetic import generate_split
+from src.diffusion import IGNORE_INDEX
+from src.diffusion.masks import additive_mask, block_causal_allowed
+from src.model import load_export
 
 CONDITIONS = ("left to right", "copy visible", "nothing after", "operands masked")
 STEPS = 3  # worked steps per arithmetic answer

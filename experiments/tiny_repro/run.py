@@ -5,8 +5,10 @@
     .venv/bin/python experiments/tiny_repro/run.py --summarise   # tables + plot from metrics/
 
 Every fine-tune starts from the same AR-init (`artifacts/tiny_ar`, made by
-`python -m src.train experiment=tiny_ar` when missing) and runs in a subprocess into
-`runs/<variant>/seed<k>/` (git-ignored: checkpoints, logs, export). Each measurement's raw
+`python -m src.train experiment=tiny_ar` when missing) and runs in a subprocess,
+`python -m src.train experiment=tiny_repro/<variant> seed=<k>` (each variant is a config file in
+conf/experiment/tiny_repro/), into `runs/<variant>/seed<k>/` (git-ignored: checkpoints, logs,
+export). Each measurement's raw
 JSON is copied to `metrics/` (committed); `results.md` and `fig4_threshold.png` are built
 from `metrics/` alone. A step whose JSON exists is skipped, so an interrupted study resumes.
 
@@ -36,55 +38,36 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from src.data.synthetic import TASKS  # noqa: E402
+from src.data.synthetic import TASKS
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RUNS, METRICS = HERE / "runs", HERE / "metrics"
 AR_INIT = ROOT / "artifacts" / "tiny_ar"
 
-# name -> (train overrides, what it is)
+# The study's runs: `experiment=tiny_repro/<name>` (conf/experiment/tiny_repro/), and what each is.
 FINE_TUNES = {
-    "ar_ft": (["experiment=tiny_ar_ft"], "AR fine-tune (same data and steps)"),
-    "bd_naive": (
-        ["experiment=tiny", "diffusion.pad_to_block=false", "diffusion.complementary=false"],
-        "block diffusion, naive",
-    ),
-    "bd_pad": (["experiment=tiny", "diffusion.complementary=false"], "block diffusion, +pad"),
-    "bd": (["experiment=tiny"], "block diffusion, +pad +complementary (full recipe)"),
+    "ar_ft": "AR fine-tune (same data and steps)",
+    "bd_naive": "block diffusion, naive",
+    "bd_pad": "block diffusion, +pad",
+    "bd": "block diffusion, +pad +complementary (full recipe)",
+    "bd_2700": "block diffusion, full recipe, 2700 steps",
+    "bd_5400": "block diffusion, full recipe, 5400 steps",
+    "ar_ft_2700": "AR fine-tune, 2700 steps",
+    "bd_lr4e-3": "block diffusion, lr 4e-3",
+    "bd_lr3e-3": "block diffusion, lr 3e-3",
+    "bd_lr5e-4": "block diffusion, lr 5e-4",
+    "bd_lr2e-4": "block diffusion, lr 2e-4",
+    "ar_wide": "AR-init, 2x wider",
+    "bd_wide": "block diffusion, 2x wider",
 }
-# The test split (per task family) decoded every 300 steps during a fine-tune.
-CURVE = ["callbacks=decode_eval", "callbacks.decode_eval.limit=200",
-         "callbacks.decode_eval.every_n_steps=300"]  # fmt: skip
 # Table 1 disagrees with the paper at 900 steps: is it the budget? The full recipe at 3x and 6x
-# the steps, with decode-eval curves to see where it goes.
-# The AR control needs no more than 3x: it is at 1.000 on the test split there.
+# the steps; the AR control needs no more than 3x (it is at 1.000 on the test split there).
 LONG_STEPS = (2700, 5400)
 LONG_AR_STEPS = 2700
 LONG_SUB_BLOCKS = (8, 32)  # the default and Table 3's most parallel setting
-FINE_TUNES |= {
-    f"bd_{steps}": (["experiment=tiny", f"trainer.max_steps={steps}", *CURVE],
-                    f"block diffusion, full recipe, {steps} steps")
-    for steps in LONG_STEPS
-}  # fmt: skip
-FINE_TUNES[f"ar_ft_{LONG_AR_STEPS}"] = (
-    ["experiment=tiny_ar_ft", f"trainer.max_steps={LONG_AR_STEPS}"],
-    f"AR fine-tune, {LONG_AR_STEPS} steps",
-)
-# Where the arithmetic gap comes from (seed 0, 900 steps, with curves; the baseline is `bd`):
-# fine-tune learning rates on both sides of the default (the paper's is far below its
-# pretraining rate), and a 2x wider model (its own AR-init, trained like `tiny_ar`). At 2x
-# width the AR-init's lr 3e-3 does not converge (validation loss 0.10 vs 0.003, accuracy
-# 0.44), so both learning rates are halved.
+# Where the arithmetic gap comes from (seed 0, 900 steps; the baseline is `bd`).
 GAP_LRS = ("4e-3", "3e-3", "5e-4", "2e-4")
-WIDE = ["model.config.hidden_size=256", "model.config.intermediate_size=1024"]
-FINE_TUNES |= {
-    f"bd_lr{lr}": (["experiment=tiny", f"optim.lr={lr}", *CURVE], f"block diffusion, lr {lr}")
-    for lr in GAP_LRS
-}
-FINE_TUNES["ar_wide"] = (["experiment=tiny_ar", *WIDE, "optim.lr=1.5e-3"], "AR-init, 2x wider")
-FINE_TUNES["bd_wide"] = (["experiment=tiny", "optim.lr=1e-3", *CURVE], "block diffusion, 2x wider")
 # A fine-tune named here starts from that run's export instead of the default AR-init.
 STARTS_FROM = {"bd_wide": "ar_wide"}
 # The fine-tunes that `probe_arithmetic.py` probes.
@@ -119,7 +102,7 @@ def ar_init() -> Path:
 def fine_tune(name: str, seed: int) -> Path:
     export = RUNS / name / f"seed{seed}" / "export"
     if not (export / "diffusion.json").exists():
-        overrides = list(FINE_TUNES[name][0])
+        overrides = [f"experiment=tiny_repro/{name}"]
         if name in STARTS_FROM:
             overrides.append(f"model.pretrained={fine_tune(STARTS_FROM[name], seed)}")
         else:
@@ -151,8 +134,8 @@ def bench(
     """Table 1 and Fig. 4 for one seed: AR baselines and every threshold, interleaved."""
     out.parent.mkdir(parents=True, exist_ok=True)
     python("-m", "src.bench", "decode", f"ckpt={bd}", f"ar_ckpt={ar_ft}", f"out={out}",
-           f"thresholds={','.join(map(str, thresholds))}", "sub_block_cache=false",
-           "batch_sizes=1", *options)  # fmt: skip
+           f"thresholds=[{','.join(map(str, thresholds))}]", "sub_block_cache=[false]",
+           "batch_sizes=[1]", *options)  # fmt: skip
 
 
 def decode_eval_curve(run_dir: Path, out: Path) -> None:
@@ -297,7 +280,7 @@ def summarise() -> str:
     for name in ("bd_naive", "bd_pad", "bd"):
         by_t = {t: load(f"ablation/{name}_t{t}_seed*.json") for t in TABLE_THRESHOLDS}
         lines.append(
-            f"| {FINE_TUNES[name][1]} | {mean_spread([m['accuracy'] for m in by_t[1.0]])} "
+            f"| {FINE_TUNES[name]} | {mean_spread([m['accuracy'] for m in by_t[1.0]])} "
             f"| {mean_spread([m['accuracy'] for m in by_t[0.9]])} "
             f"| {mean([m['unmasked_per_step'] for m in by_t[0.9]], 2)} |"
         )
@@ -413,7 +396,7 @@ def arithmetic_gap() -> list[str]:
                 " / ".join(f"{a:.2f}" for a in by_step)
                 for by_step in report["accuracy_by_step"].values()
             )
-            lines.append(f"| {FINE_TUNES[name][1]} | {cells} |")
+            lines.append(f"| {FINE_TUNES[name]} | {cells} |")
     return lines
 
 

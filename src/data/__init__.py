@@ -1,1 +1,2 @@
-"""Data layer: the synthetic corpus and tokenizer, chat SFT rendering/packing, the datamodule."""
+"""Data: the built-in synthetic corpus (`synthetic`) and its tokenizer (`tokenizer`), chat SFT
+rendering, labels and packing (`sft`), jsonl files (`jsonl`) and the datamodule (`datamodule`)."""

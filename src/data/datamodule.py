@@ -11,13 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from src.data.sft import (
-    build_sft_dataset,
-    check_chat_tokenizer,
-    check_lengths,
-    mask_token_id_of,
-    source_items,
-)
+from src.data.sft import build_sft_dataset, check_chat_tokenizer, check_lengths, source_items
+from src.model.tokenizer import mask_token_id_of
 
 
 class ResumableShuffleSampler(Sampler[int]):

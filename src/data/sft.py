@@ -16,10 +16,11 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from src.data.synthetic import generate_split, read_jsonl
-from src.data.tokenizer import MASK_TOKEN
+from src.config import ConfigError
+from src.data.jsonl import read_jsonl
+from src.data.synthetic import generate_split
 from src.diffusion.loss import IGNORE_INDEX
-from src.errors import ConfigError
+from src.model.tokenizer import mask_token_id_of
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,6 @@ def check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
         )
     if tokenizer.eos_token is None:
         raise ConfigError("tokenizer has no eos_token; set it to the stop token (e.g. <|im_end|>)")
-
-
-def mask_token_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id of MASK_TOKEN; ValueError when the tokenizer does not have it as a token."""
-    token_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"tokenizer lacks {MASK_TOKEN!r}; add it as a special token first")
-    return token_id
 
 
 def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping]) -> list:
@@ -171,10 +164,14 @@ def pack(
 
 
 def check_lengths(seq_len: int, block_size: int) -> None:
-    """ValueError unless seq_len is a positive multiple of block_size."""
-    if block_size <= 0 or seq_len <= 0 or seq_len % block_size:
-        raise ValueError(
-            f"seq_len ({seq_len}) must be a positive multiple of block_size ({block_size})"
+    """ConfigError unless the context length is a positive multiple of the block size
+    (SPEC section 2: L a multiple of B, so packed contexts hold whole blocks)."""
+    if block_size < 1:
+        raise ConfigError(f"diffusion.block_size={block_size} must be >= 1")
+    if seq_len < 1 or seq_len % block_size:
+        raise ConfigError(
+            f"data.seq_len={seq_len} is not a multiple of diffusion.block_size={block_size}: "
+            f"use e.g. data.seq_len={max(1, seq_len // block_size) * block_size}"
         )
 
 
@@ -250,7 +247,7 @@ def source_items(source: Mapping[str, Any], split: str) -> datasets.Dataset | li
     if kind == "jsonl":
         if not source.get(split):
             raise ValueError(f"jsonl source has no path for the {split!r} split")
-        return read_jsonl(source[split])
+        return read_jsonl(source[split], key=f"data.source.{split}")
     if kind == "hub":
         if not source.get("name"):
             raise ValueError("hub source needs 'name' (a datasets hub id)")

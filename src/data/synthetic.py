@@ -18,10 +18,8 @@ Answers are scored by exact match after whitespace normalisation.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 
 SPLITS = ("train", "validation", "test")
 # Share of hash buckets (out of 100) per split; the rest of a bucket range goes to the next split.
@@ -134,18 +132,3 @@ def generate_split(split: str, n: int, seed: int = 0) -> list[dict]:
 def exact_match(response: str, answer: str) -> bool:
     """Equality up to whitespace (runs of whitespace collapse, ends are stripped)."""
     return response.split() == answer.split()
-
-
-def write_jsonl(path: str | Path, items: Iterable[dict]) -> None:
-    """One JSON object per line (the chat jsonl format: each object has ``messages``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Objects of a jsonl file, blank lines skipped."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

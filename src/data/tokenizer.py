@@ -19,10 +19,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from src.data.synthetic import generate_split
+from src.model.tokenizer import MASK_TOKEN
 
 log = logging.getLogger(__name__)
 
-MASK_TOKEN = "|<MASK>|"
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

@@ -1,4 +1,5 @@
-"""The block-diffusion method: attention masks (`masks`) and the training objective (`loss`)."""
+"""The block-diffusion method: attention masks (`masks`), the training objective (`loss`) and
+its settings (`settings`)."""
 
 from src.diffusion.loss import (
     IGNORE_INDEX,
@@ -8,13 +9,16 @@ from src.diffusion.loss import (
     sample_masked_positions,
 )
 from src.diffusion.masks import block_causal_allowed, block_diffusion_mask
+from src.diffusion.settings import OBJECTIVES, check_diffusion
 
 __all__ = [
     "IGNORE_INDEX",
+    "OBJECTIVES",
     "ar_loss",
     "block_causal_allowed",
     "block_diffusion_logits",
     "block_diffusion_loss",
     "block_diffusion_mask",
+    "check_diffusion",
     "sample_masked_positions",
 ]

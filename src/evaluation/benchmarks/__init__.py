@@ -11,10 +11,10 @@ can build one with ``hydra.utils.instantiate(cfg.benchmark)``::
 
 from __future__ import annotations
 
-from src.benchmarks.base import Benchmark
-from src.benchmarks.code import MBPP, HumanEval
-from src.benchmarks.reasoning import GSM8K, MATH
-from src.benchmarks.synthetic import Synthetic
+from src.evaluation.benchmarks.base import Benchmark
+from src.evaluation.benchmarks.code import MBPP, HumanEval
+from src.evaluation.benchmarks.reasoning import GSM8K, MATH
+from src.evaluation.benchmarks.synthetic import Synthetic
 
 BENCHMARKS: dict[str, type[Benchmark]] = {
     cls.name: cls for cls in (GSM8K, MATH, HumanEval, MBPP, Synthetic)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
+
+from src.data.jsonl import read_jsonl
 
 
 class Benchmark:
@@ -54,7 +54,7 @@ class Benchmark:
 
     def _rows(self) -> list[dict]:
         if self.path is not None:
-            return read_jsonl(self.path)
+            return read_jsonl(self.path, key="benchmark.path")
         if self.hub_name is not None:
             return self._hub_rows()
         return self._builtin_rows()
@@ -73,15 +73,6 @@ class Benchmark:
 
     def _builtin_rows(self) -> list[dict]:
         raise ValueError(f"{self.name}: no data source; set benchmark.path or benchmark.hub_name")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a local jsonl file; a missing file names the config key to set."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"benchmark data file {str(path)!r} not found; set benchmark.path")
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _check_limit(limit: int | None) -> None:

@@ -1,4 +1,5 @@
-"""Lightning callbacks of the pipeline (each is listed in conf/callbacks/)."""
+"""Lightning callbacks of a training run (conf/callbacks/): the HF export at the end of fit and
+the preemption checkpoint. The decode evaluation is `src.training.decode_eval`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import threading
 
 import lightning as L
 
-from src.distributed import gathered_parameters
-from src.export import save_export
+from src.model import save_export
+from src.training.zero import gathered_parameters
 
 log = logging.getLogger(__name__)
 

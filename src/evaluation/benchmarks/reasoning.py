@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from src.benchmarks.base import Benchmark
+from src.evaluation.benchmarks.base import Benchmark
 
 STEP_BY_STEP = "Please reason step by step, and put your final answer within \\boxed{}."
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"

@@ -14,8 +14,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from src.diffusion import ar_loss, block_diffusion_loss
-from src.distributed import hf_deepspeed_config
-from src.model import MASK_TOKEN, build_model
+from src.model import MASK_TOKEN, model_from_config
+from src.training.zero import hf_deepspeed_config
 
 
 class DiffusionLM(L.LightningModule):
@@ -38,13 +38,12 @@ class DiffusionLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        build_kwargs = {k: v for k, v in self.model_cfg.items() if k in _BUILD_KEYS}
         # Under ZeRO-3 transformers must see the DeepSpeed config while loading, or it fills
         # empty parameter shards; it holds only a weak reference, so the module keeps it.
         strategy = self._trainer.strategy if self._trainer is not None else None
         self._hf_deepspeed_config = hf_deepspeed_config(strategy)
         # from_pretrained returns eval mode; Lightning keeps whatever mode it finds.
-        self.model = build_model(self.tokenizer, **build_kwargs).train()
+        self.model = model_from_config(self.tokenizer, self.model_cfg).train()
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         if self.diffusion["objective"] == "ar":
@@ -110,16 +109,6 @@ class DiffusionLM(L.LightningModule):
             "trained_steps": self.global_step,
             "init": self.model_cfg.get("pretrained") or "scratch",
         }
-
-
-_BUILD_KEYS = {
-    "pretrained",
-    "config",
-    "gguf_file",
-    "attn_implementation",
-    "dtype",
-    "gradient_checkpointing",
-}
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Any:

@@ -1,4 +1,4 @@
-"""Loading the AR model and tokenizer that a run starts from, thinly adapted for block diffusion.
+"""Loading the AR model a run starts from, thinly adapted for block diffusion.
 
 No modeling code is forked: the block-diffusion forward goes through the standard HF forward
 (4D attention mask + position ids), so any HF causal LM (Qwen2, Llama, ...) works. The only
@@ -8,31 +8,28 @@ change to the model is one vocabulary entry, the mask token.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from omegaconf import DictConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from src.data.tokenizer import MASK_TOKEN
+from src.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-
-def package_path(package: str) -> str:
-    """Folder of an installed package, found without importing it (an OmegaConf resolver)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"package {package!r} is not installed: pip install {package}")
-    return spec.submodule_search_locations[0]
+# The `model` config keys `build_model` takes.
+BUILD_KEYS = (
+    "pretrained",
+    "config",
+    "gguf_file",
+    "attn_implementation",
+    "dtype",
+    "gradient_checkpointing",
+)
 
 
 def is_local_path(name: str) -> bool:
@@ -40,19 +37,18 @@ def is_local_path(name: str) -> bool:
     return os.path.exists(name) or name.startswith(("/", "./", "../", "~"))
 
 
-def load_tokenizer(pretrained: str, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer of a hub id or local folder, with the mask token added when missing."""
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(pretrained), **kwargs)
-    ensure_mask_token(tokenizer)
-    return tokenizer
-
-
-def ensure_mask_token(tokenizer: PreTrainedTokenizerBase, mask_token: str = MASK_TOKEN) -> int:
-    """Add the mask token as a special token when the vocabulary lacks it; return its id."""
-    if mask_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [mask_token]})
-    return tokenizer.convert_tokens_to_ids(mask_token)
+def check_model_source(model: DictConfig) -> None:
+    """ConfigError unless the model config names a source that can exist: a from-scratch
+    config, a hub id, or a local folder that is there (else: the command that makes it)."""
+    pretrained = model.get("pretrained")
+    if pretrained is None:
+        if model.get("config") is None:
+            raise ConfigError("model.pretrained and model.config are both null: set one")
+        return
+    if is_local_path(pretrained) and not os.path.exists(os.path.expanduser(pretrained)):
+        producer = model.get("produced_by")
+        hint = f": it is made by `{producer}`" if producer else ": set model.pretrained"
+        raise ConfigError(f"model.pretrained={pretrained} does not exist{hint}")
 
 
 def build_model(
@@ -85,6 +81,13 @@ def build_model(
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def model_from_config(
+    tokenizer: PreTrainedTokenizerBase, model: Mapping[str, Any]
+) -> PreTrainedModel:
+    """`build_model` from a `model` config (conf/model/), ignoring keys it does not take."""
+    return build_model(tokenizer, **{k: model[k] for k in BUILD_KEYS if k in model})
 
 
 def _scratch_config(config: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:

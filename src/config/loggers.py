@@ -1,4 +1,5 @@
-"""Experiment loggers that never block or crash a run for want of a network."""
+"""Logger factories of the `logger/` config group: they never block or crash a run for want of a
+network."""
 
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ def wandb_logger(**kwargs: Any) -> WandbLogger:
     """
     mode = os.environ.get("WANDB_MODE", kwargs.pop("mode", "online"))
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    if mode == "online" and not _reachable(host):
+    if mode == "online" and not reachable(host):
         log.warning("W&B server %s unreachable: logging offline (wandb sync later)", host)
         mode = "offline"
     return WandbLogger(mode=mode, **kwargs)
 
 
-def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True

@@ -1,20 +1,11 @@
-"""DeepSpeed ZeRO: the config a strategy hands to DeepSpeed, ZeRO-3-aware model creation, and
-HF export from a (sharded) ZeRO checkpoint.
-
-    python -m src.distributed CHECKPOINT EXPORT_DIR   # a ZeRO checkpoint -> HF export
-
-CHECKPOINT is the folder Lightning's DeepSpeedStrategy writes per checkpoint (e.g.
-`checkpoints/last.ckpt/`). The model and tokenizer are rebuilt from the run's hyperparameters
-saved in it, then the consolidated fp32 weights are loaded and written with `save_pretrained`.
-"""
+"""DeepSpeed ZeRO helpers: the config a strategy hands to DeepSpeed, ZeRO-3-aware model
+creation, gathering partitioned parameters, and an HF export from a (sharded) ZeRO checkpoint's
+consolidated weights."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import glob
-import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -22,14 +13,12 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 
-from src.config import is_deepspeed
-from src.export import save_export
-
-log = logging.getLogger(__name__)
+from src.model import save_export
+from src.training.checks import is_deepspeed
 
 # Prefixes between a ZeRO checkpoint's parameter names and the HF model's: Lightning's old
 # module wrapper, then the `DiffusionLM.model` attribute.
@@ -145,52 +134,3 @@ def export_zero_checkpoint(
         model.tie_weights()
     save_export(model, tokenizer, settings, path)
     return model
-
-
-def _checkpoint_client_state(checkpoint_dir: str, tag: str | None) -> dict[str, Any]:
-    """What Lightning stored next to the weights (hyperparameters, global step, ...)."""
-    if tag is None:
-        with open(os.path.join(checkpoint_dir, "latest")) as f:
-            tag = f.read().strip()
-    # `mp_rank_00_model_states.pt`, or `zero_pp_rank_0_mp_rank_00_model_states.pt` (ZeRO-3).
-    files = sorted(glob.glob(os.path.join(checkpoint_dir, tag, "*mp_rank_00_model_states.pt")))
-    if not files:
-        raise ValueError(f"{checkpoint_dir}/{tag} holds no DeepSpeed model states file")
-    return torch.load(files[0], map_location="cpu", weights_only=False)
-
-
-def export_lightning_zero_checkpoint(
-    checkpoint_dir: str, path: str, tag: str | None = None
-) -> None:
-    """HF export of a Lightning DeepSpeed checkpoint of `DiffusionLM`, rebuilt from the run's
-    saved hyperparameters (the model's pretrained source must still be reachable)."""
-    from src.lit_module import DiffusionLM
-    from src.train import build_tokenizer
-
-    client = _checkpoint_client_state(checkpoint_dir, tag)
-    hparams = client["hyper_parameters"]
-    tokenizer = build_tokenizer(OmegaConf.create(hparams["model"]))
-    module = DiffusionLM(tokenizer, **hparams)
-    module.configure_model()
-    settings = {**module.export_settings(), "trained_steps": client["global_step"]}
-    export_zero_checkpoint(checkpoint_dir, module.model, tokenizer, settings, path, tag=tag)
-    log.info("HF export of %s written to %s", checkpoint_dir, path)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "checkpoint", help="a DeepSpeed checkpoint folder, e.g. checkpoints/last.ckpt"
-    )
-    parser.add_argument("export_dir", help="where to write the HF export")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the `latest` file)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    try:
-        export_lightning_zero_checkpoint(args.checkpoint, args.export_dir, args.tag)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-
-
-if __name__ == "__main__":
-    main()

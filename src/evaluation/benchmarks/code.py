@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from src.benchmarks.base import Benchmark, check_pairs
-from src.sandbox import run_many
+from src.evaluation.benchmarks.base import Benchmark, check_pairs
+from src.evaluation.sandbox import run_many
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from src.benchmarks.base import Benchmark
+from src.evaluation.benchmarks.base import Benchmark
 
 
 class Synthetic(Benchmark):

@@ -1,4 +1,4 @@
-"""Cached parallel decoding of a block-diffusion LM (SPEC section 3), and the AR baseline.
+"""Cached parallel decoding of a block-diffusion LM (SPEC section 3).
 
 `generate` decodes blocks of `block_size` tokens left to right. Inside a block, masked
 positions are filled sub-block by sub-block: each step forwards the current block against the
@@ -9,13 +9,11 @@ its exact keys/values; the argmax of its last logit starts the next block.
 
 Design, so that batched decoding is exact (each sequence gets the tokens it gets alone):
 
-- The KV cache is a buffer indexed by *absolute position*: slot p of row i holds the keys and
-  values of position p of sequence i. Blocks are aligned to absolute positions per sequence,
-  so no padding is needed: a row attends slots ``< end of its current block`` (the
-  block-causal rule of `block_causal_allowed`), and every slot below that is a real token.
-- Every forward writes the keys/values of its query tokens into their slots before attention.
-  So a denoising step writes draft keys for the current block, and the commit pass overwrites
-  them with the exact ones: the cache never has to be cropped or copied.
+- The KV cache (`src.decoding.cache`) is a buffer indexed by *absolute position*. Blocks are
+  aligned to absolute positions per sequence, so no padding is needed: a row attends slots
+  ``< end of its current block`` (the block-causal rule of `block_causal_allowed`), and every
+  slot below that is a real token. Every forward writes its query tokens' keys/values first,
+  so the commit pass overwrites a block's draft keys with the exact ones.
 - Rows progress independently. One forward serves all active rows, whatever each is doing
   (denoising some sub-block, or committing its block); per-row position ids, slots and logit
   positions (`logits_to_keep` as a `[rows, k]` tensor) keep their math separate. Finished rows
@@ -38,142 +36,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from transformers import Cache, GenerationConfig, PreTrainedModel
-from transformers.cache_utils import CacheLayerMixin
+from transformers import PreTrainedModel
 
-from src.diffusion.masks import additive_mask, block_causal_allowed
-
-
-@dataclass
-class GenerationResult:
-    """What a decode produced and what it cost.
-
-    `tokens[i]` is the continuation of prompt i: it ends at (and includes) the stop token when
-    one was produced and holds at most `max_new_tokens` ids. `forwards` counts model forward
-    calls (prefill included; a batched forward counts once). `unmasked_per_step[i]` lists, for
-    each denoising step of sequence i, how many positions it unmasked (AR steps not included).
-    """
-
-    tokens: list[list[int]]
-    forwards: int
-    seconds: float
-    unmasked_per_step: list[list[int]] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.num_tokens / self.seconds if self.seconds > 0 else float("inf")
-
-    @property
-    def tokens_per_forward(self) -> float:
-        return self.num_tokens / self.forwards if self.forwards else 0.0
-
-    @property
-    def denoising_steps(self) -> int:
-        """Denoising steps summed over sequences."""
-        return sum(len(s) for s in self.unmasked_per_step)
-
-
-class _PositionLayer(CacheLayerMixin):
-    """One layer's keys/values `[rows, kv_heads, length, head_dim]`, slot = absolute position."""
-
-    is_sliding = False
-
-    def __init__(self, cache: _PositionCache) -> None:
-        super().__init__()
-        self.cache = cache
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        rows, heads, _, _ = key_states.shape
-        length = self.cache.length
-        self.keys = key_states.new_zeros(rows, heads, length, key_states.shape[-1])
-        self.values = value_states.new_zeros(rows, heads, length, value_states.shape[-1])
-        self.is_initialized = True
-
-    def update(
-        self, key_states: Tensor, value_states: Tensor, *args, **kwargs
-    ) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        cache = self.cache
-        rows, slots, write = cache.rows, cache.slots, cache.write  # [n, 1], [n, q], [n, q] | None
-        new_k, new_v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [n, q, h, d]
-        if write is not None:
-            keep = ~write[..., None, None]
-            new_k = torch.where(keep, self.keys[rows, :, slots], new_k)
-            new_v = torch.where(keep, self.values[rows, :, slots], new_v)
-        self.keys[rows, :, slots] = new_k
-        self.values[rows, :, slots] = new_v
-        return self.keys[:, :, : cache.kv_len], self.values[:, :, : cache.kv_len]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.kv_len, 0
-
-    def get_seq_length(self) -> int:
-        return self.cache.kv_len
-
-    def get_max_length(self) -> int:
-        return self.cache.length
-
-    def select_rows(self, keep: Tensor) -> None:
-        if self.is_initialized:
-            self.keys, self.values = self.keys[keep], self.values[keep]
-
-
-class _PositionCache(Cache):
-    """KV cache addressed by absolute position; `plan` says where the next forward writes."""
-
-    def __init__(self, num_layers: int, length: int) -> None:
-        self.length = length
-        self.rows = self.slots = self.write = None
-        self.kv_len = 0
-        super().__init__(layers=[_PositionLayer(self) for _ in range(num_layers)])
-
-    def plan(self, slots: Tensor, write: Tensor | None, kv_len: int) -> None:
-        """The next forward's query tokens sit at `slots` `[n, q]` (= their positions); rows
-        write only where `write` `[n, q]` is True (None: everywhere); attention sees slots
-        `[0, kv_len)`."""
-        self.rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
-        self.slots, self.write, self.kv_len = slots, write, kv_len
-
-    def select_rows(self, keep: Tensor) -> None:
-        for layer in self.layers:
-            layer.select_rows(keep)
-
-
-def _attention_mask(
-    model: PreTrainedModel, q_pos: Tensor | None, q_len: int, kv_len: int, block_size: int
-) -> object:
-    """Block-causal attention over slots `[0, kv_len)` of `q_len` queries, in the form the
-    model's attention backend takes (flex: a BlockMask; others: a float additive mask).
-
-    `q_pos` `[n, 1]` is the position of each row's current block, which all its queries share;
-    None means the queries sit at positions `[0, q_len)` (prefill, the same for every row).
-    """
-    if model.config._attn_implementation == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        # The rule reads q_pos by row only: indexing it by query too makes inductor's CPU
-        # flex template emit C++ that does not compile (torch 2.13).
-        def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-            return block_causal_allowed(q if q_pos is None else q_pos[b, 0], kv, block_size)
-
-        rows = None if q_pos is None else q_pos.shape[0]
-        device = model.device
-        return create_block_mask(mask_mod, rows, None, q_len, kv_len, device=device)
-    device = model.device if q_pos is None else q_pos.device
-    if q_pos is None:
-        q_pos = torch.arange(q_len, device=device)[None]  # [1, q]
-    k_pos = torch.arange(kv_len, device=device)
-    allowed = block_causal_allowed(q_pos[..., None], k_pos, block_size)  # [n | 1, q | 1, kv]
-    return additive_mask(allowed, model.dtype)  # [n | 1, 1, q | 1, kv]
+from src.decoding.base import GenerationResult, validate_prompts, vocab_size
+from src.decoding.cache import PositionCache, attention_mask
+from src.decoding.settings import DecodeSettings
 
 
 def _choose(
@@ -206,48 +76,10 @@ def _choose(
     return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def _vocab_size(model: PreTrainedModel) -> int:
-    return model.get_output_embeddings().weight.shape[0]
-
-
-def _validate_prompts(model: PreTrainedModel, prompt_ids: list[list[int]]) -> None:
-    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("prompt_ids must be a non-empty list of non-empty token-id lists")
-    context = getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(p) for p in prompt_ids)
-    if context is not None and longest > context:
-        raise ValueError(
-            f"a prompt has {longest} tokens, more than the model's context ({context}): shorten it"
-        )
-    vocab = _vocab_size(model)
-    if any(not 0 <= t < vocab for p in prompt_ids for t in p):
-        raise ValueError(f"prompt token ids must lie in [0, {vocab}) (the model's vocabulary)")
-
-
-def _validate(
-    model: PreTrainedModel,
-    prompt_ids: list[list[int]],
-    *,
-    mask_token_id: int,
-    stop_token_id: int,
-    block_size: int,
-    sub_block_size: int,
-    threshold: float,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
+def _check_ids(
+    model: PreTrainedModel, prompt_ids: list[list[int]], mask_token_id: int, stop_token_id: int
 ) -> None:
-    if block_size < 1 or sub_block_size < 1 or block_size % sub_block_size:
-        raise ValueError(
-            f"sub_block_size ({sub_block_size}) must be >= 1 and divide block_size ({block_size})"
-        )
-    if not threshold >= 0:
-        raise ValueError(f"threshold must be >= 0 (>= 1 means one token per step), got {threshold}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not temperature >= 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    vocab = _vocab_size(model)
+    vocab = vocab_size(model)
     if not 0 <= mask_token_id < vocab:
         raise ValueError(
             f"mask_token_id {mask_token_id} is outside the vocabulary [0, {vocab}): "
@@ -257,7 +89,7 @@ def _validate(
         raise ValueError(
             f"stop_token_id {stop_token_id} must be a vocabulary id other than the mask"
         )
-    _validate_prompts(model, prompt_ids)
+    validate_prompts(model, prompt_ids)
 
 
 def generate(
@@ -282,28 +114,24 @@ def generate(
     `use_sub_block_cache`: reuse the block's stale keys/values while a sub-block is decoded
     (an approximation; exact when `sub_block_size == block_size`). `temperature > 0` samples
     every token (AR steps too) with top-p truncation, drawing from `generator`.
-    Raises ValueError on bad arguments before any forward.
+    Raises ValueError on bad arguments before any forward (the settings' rules are
+    `DecodeSettings`'s).
     """
-    _validate(
-        model,
-        prompt_ids,
-        mask_token_id=mask_token_id,
-        stop_token_id=stop_token_id,
+    settings = DecodeSettings(
         block_size=block_size,
         sub_block_size=sub_block_size,
         threshold=threshold,
         max_new_tokens=max_new_tokens,
+        use_sub_block_cache=use_sub_block_cache,
         temperature=temperature,
         top_p=top_p,
     )
+    _check_ids(model, prompt_ids, mask_token_id, stop_token_id)
     decoder = _BlockDecoder(
         model,
+        settings,
         mask_token_id=mask_token_id,
         stop_token_id=stop_token_id,
-        block_size=block_size,
-        sub_block_size=sub_block_size,
-        threshold=threshold,
-        use_sub_block_cache=use_sub_block_cache,
         choose=lambda logits: _choose(logits, mask_token_id, temperature, top_p, generator),
     )
     started = time.perf_counter()
@@ -323,33 +151,30 @@ class _BlockDecoder:
     def __init__(
         self,
         model: PreTrainedModel,
+        settings: DecodeSettings,
         *,
         mask_token_id: int,
         stop_token_id: int,
-        block_size: int,
-        sub_block_size: int,
-        threshold: float,
-        use_sub_block_cache: bool,
         choose: Callable[[Tensor], tuple[Tensor, Tensor]],
     ) -> None:
         self.model = model
         self.mask_id, self.stop_id = mask_token_id, stop_token_id
-        self.block, self.sub = block_size, sub_block_size
-        self.threshold = threshold
-        self.use_sub_block_cache = use_sub_block_cache
+        self.block, self.sub = settings.block_size, settings.sub_block_size
+        self.threshold = settings.threshold
+        self.use_sub_block_cache = settings.use_sub_block_cache
         self.choose = choose
         self.forwards = 0
         self.mask: tuple[tuple[bool, int, int], object] | None = None  # (key, attention mask)
         device = model.device
-        self.ar_block = torch.arange(block_size, device=device)
-        self.ar_sub = torch.arange(sub_block_size, device=device)
+        self.ar_block = torch.arange(self.block, device=device)
+        self.ar_sub = torch.arange(self.sub, device=device)
 
     def _forward(
         self, q_pos: Tensor, write: Tensor | None, kv_len: int, keep: Tensor, prefill: bool = False
     ) -> Tensor:
         """Logits `[n, k, V]` at query indices `keep` `[n, k]` of the tokens at `q_pos` `[n, q]`.
 
-        `write` and `kv_len` as in `_PositionCache.plan`. Queries lie in each row's current
+        `write` and `kv_len` as in `PositionCache.plan`. Queries lie in each row's current
         block, or for the `prefill` at positions `[0, kv_len)`.
         """
         self.cache.plan(q_pos, write, kv_len)
@@ -358,7 +183,7 @@ class _BlockDecoder:
         key = (prefill, q_pos.shape[1], kv_len)
         if self.mask is None or self.mask[0] != key:
             block_pos = None if prefill else self.start[:, None]
-            self.mask = key, _attention_mask(self.model, block_pos, key[1], kv_len, self.block)
+            self.mask = key, attention_mask(self.model, block_pos, key[1], kv_len, self.block)
         return self.model(
             input_ids=self.seq.gather(1, q_pos),
             position_ids=q_pos,
@@ -383,7 +208,7 @@ class _BlockDecoder:
         self.plen, self.start = plen, plen // b * b
         self.fresh = torch.ones_like(plen, dtype=torch.bool)
         self.ids = torch.arange(len(prompt_ids), device=device)
-        self.cache = _PositionCache(self.model.config.num_hidden_layers, length)
+        self.cache = PositionCache(self.model.config.num_hidden_layers, length)
         self.tokens: list[list[int]] = [[] for _ in prompt_ids]
         self.unmasked: list[list[int]] = [[] for _ in prompt_ids]
         self._prefill()
@@ -487,44 +312,3 @@ class _BlockDecoder:
             self.start = torch.where(committing, self.start + b, self.start)
             self.mask = None
             self._append_ar_token(committing, token[:, 0])
-
-
-def generate_ar(
-    model: PreTrainedModel,
-    prompt_ids: list[list[int]],
-    *,
-    stop_token_id: int,
-    max_new_tokens: int,
-) -> GenerationResult:
-    """Greedy AR decoding with HF `generate` (KV cache): the baseline for `generate`.
-
-    Prompts are left-padded into one batch; `forwards` = decoding steps taken.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not 0 <= stop_token_id < _vocab_size(model):
-        raise ValueError(f"stop_token_id {stop_token_id} is outside the model's vocabulary")
-    _validate_prompts(model, prompt_ids)
-    device, width = model.device, max(len(p) for p in prompt_ids)
-    pad = model.config.pad_token_id
-    pad = stop_token_id if pad is None else pad
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
-    attention = torch.tensor(
-        [[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device
-    )
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=stop_token_id,
-        pad_token_id=pad,
-    )
-    started = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=attention, generation_config=config)
-    seconds = time.perf_counter() - started
-    tokens = []
-    for row in out[:, width:].tolist():
-        cut = row.index(stop_token_id) + 1 if stop_token_id in row else len(row)
-        tokens.append(row[:cut])
-    steps = out.shape[1] - width
-    return GenerationResult(tokens, steps, seconds, [[1] * len(t) for t in tokens])

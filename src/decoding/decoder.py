@@ -1,0 +1,159 @@
+"""The decoding API every tool uses: an export and decode settings in, a `Decoder` out.
+
+    decoder = load_decoder("artifacts/tiny", DecodeSettings.defaults())        # diffusion
+    decoder = load_decoder("artifacts/tiny_ar", decode, decoder="ar")           # AR baseline
+    decoder = make_decoder(Export(model, tokenizer, settings), decode)           # in memory
+    result = decoder.generate([prompt_ids])   # GenerationResult
+
+The trained block size is read from the export (`diffusion.json`); the decoder name is
+`diffusion` (cached parallel decoding, SPEC section 3) or `ar` (greedy HF `generate`, the
+baseline), and None picks `ar` for an export trained with the AR objective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from src.config import ConfigError
+from src.decoding.ar import generate_ar
+from src.decoding.base import GenerationResult
+from src.decoding.block import generate
+from src.decoding.settings import DecodeSettings
+from src.model.export import Export, load_export, read_settings
+
+DECODERS = ("diffusion", "ar")
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Decodes token-id prompts with an export's model under `settings`."""
+
+    export: Export
+    settings: DecodeSettings
+    name: ClassVar[str]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.export.tokenizer
+
+    def generate(self, prompt_ids: list[list[int]]) -> GenerationResult:
+        raise NotImplementedError
+
+    def replace(self, **changes: Any) -> Decoder:
+        """The same decoder with some settings changed (e.g. a request's token budget)."""
+        return dataclasses.replace(self, settings=self.settings.replace(**changes))
+
+
+@dataclass(frozen=True)
+class DiffusionDecoder(Decoder):
+    """Cached parallel decoding (`src.decoding.block.generate`)."""
+
+    name: ClassVar[str] = "diffusion"
+    generator: torch.Generator | None = None
+
+    def generate(self, prompt_ids: list[list[int]]) -> GenerationResult:
+        trained = self.export.settings
+        return generate(
+            self.export.model,
+            prompt_ids,
+            mask_token_id=trained["mask_token_id"],
+            stop_token_id=trained["stop_token_id"],
+            generator=self.generator,
+            **self.settings.generate_kwargs(),
+        )
+
+
+@dataclass(frozen=True)
+class ARDecoder(Decoder):
+    """Greedy AR decoding with HF `generate`; of the settings it uses `max_new_tokens`."""
+
+    name: ClassVar[str] = "ar"
+
+    def generate(self, prompt_ids: list[list[int]]) -> GenerationResult:
+        return generate_ar(
+            self.export.model,
+            prompt_ids,
+            stop_token_id=self.export.settings["stop_token_id"],
+            max_new_tokens=self.settings.max_new_tokens,
+        )
+
+
+def check_decoder_name(decoder: str | None) -> None:
+    """ConfigError unless `decoder` names a decoder (None: chosen from the export)."""
+    if decoder is not None and decoder not in DECODERS:
+        raise ConfigError(f"decoder={decoder!r}: choose one of {', '.join(DECODERS)}")
+
+
+def decoder_name(decoder: str | None, trained: Mapping[str, Any], where: str = "") -> str:
+    """The decoder to use for an export trained with `trained` (its diffusion.json)."""
+    check_decoder_name(decoder)
+    if decoder is None:
+        return "ar" if trained.get("objective") == "ar" else "diffusion"
+    if decoder == "diffusion" and trained.get("mask_token_id") is None:
+        raise ConfigError(
+            f"{where or 'the export'} has no mask token, so it cannot diffuse: use decoder=ar"
+        )
+    return decoder
+
+
+def make_decoder(
+    export: Export,
+    decode: Mapping[str, Any] | DecodeSettings,
+    *,
+    decoder: str | None = None,
+    generator: torch.Generator | None = None,
+) -> Decoder:
+    """A decoder for an export in memory; `decode` is a decode config or resolved settings."""
+    name = decoder_name(decoder, export.settings)
+    if not isinstance(decode, DecodeSettings):
+        decode = DecodeSettings.resolve(decode, export.settings["block_size"])
+    if name == "ar":
+        return ARDecoder(export, decode)
+    return DiffusionDecoder(export, decode, generator)
+
+
+def check_export(
+    path: str, decode: Mapping[str, Any], decoder: str | None = None
+) -> tuple[str, DecodeSettings]:
+    """Every check of decoding `path` that needs no model: (decoder name, settings)."""
+    trained = read_settings(path)
+    return decoder_name(decoder, trained, path), DecodeSettings.resolve(
+        decode, trained["block_size"]
+    )
+
+
+def load_decoder_from_config(cfg: Mapping[str, Any]) -> Decoder:
+    """`load_decoder` with an entry config's `ckpt`, `decode`, `decoder` and the rest of
+    conf/export/ (`src.eval`, `src.generate`)."""
+    return load_decoder(
+        cfg["ckpt"],
+        cfg["decode"],
+        decoder=cfg["decoder"],
+        device=cfg["device"],
+        dtype=cfg["dtype"],
+        attn_implementation=cfg["attn_implementation"],
+        seed=cfg["seed"],
+    )
+
+
+def load_decoder(
+    path: str,
+    decode: Mapping[str, Any],
+    *,
+    decoder: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> Decoder:
+    """Check, then load the export at `path` and wrap it; `seed` seeds sampling."""
+    name, settings = check_export(path, decode, decoder)
+    export = load_export(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    generator = torch.Generator(export.model.device).manual_seed(seed)
+    return make_decoder(export, settings, decoder=name, generator=generator)

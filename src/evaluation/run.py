@@ -1,0 +1,116 @@
+"""What `python -m src.eval` does: check the config, decode and score a benchmark with an
+export, write `metrics.json` and `samples.jsonl` into the run directory, log to the loggers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from typing import Any
+
+import torch
+import transformers
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from src.config import ConfigError
+from src.decoding import check_export, load_decoder_from_config
+from src.evaluation.benchmarks import get
+from src.evaluation.runner import Evaluation, evaluate, metric_name
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
+    """Check the config, decode and score, write the run's files; returns metrics.json's dict."""
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ConfigError(f"limit={cfg.limit} must be >= 1 (or null for all problems)")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
+    check_export(cfg.ckpt, cfg.decode, cfg.decoder)
+    options = {k: v for k, v in OmegaConf.to_container(cfg.benchmark).items() if k != "_target_"}
+    benchmark = get(**options)
+    problems = benchmark.load(limit=cfg.limit)
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+
+    decoder = load_decoder_from_config(cfg)
+    evaluation = evaluate(decoder, benchmark, problems, batch_size=cfg.batch_size, progress=True)
+    metric = metric_name(benchmark)
+    metrics = {
+        "benchmark": benchmark.name,
+        "metric": metric,
+        **evaluation.metrics(metric),
+        **({"by_task": by_task} if (by_task := evaluation.by_task()) else {}),
+        "ckpt": os.path.abspath(cfg.ckpt),
+        "decoder": cfg.decoder,
+        "decode": decoder.settings.as_dict(),
+        "batch_size": cfg.batch_size,
+        "limit": cfg.limit,
+        "trained": decoder.export.settings,
+        "device": str(decoder.export.model.device),
+        "dtype": cfg.dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": git_commit(),
+    }
+    write_run_files(output_dir, metrics, evaluation)
+    log_to(loggers, cfg, metrics, evaluation)
+    return metrics
+
+
+def write_run_files(output_dir: str, metrics: dict[str, Any], evaluation: Evaluation) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    with open(os.path.join(output_dir, "samples.jsonl"), "w") as f:
+        for sample in evaluation.samples:
+            f.write(json.dumps(sample) + "\n")
+
+
+def log_to(loggers: list, cfg: DictConfig, metrics: dict[str, Any], evaluation: Evaluation) -> None:
+    """Metrics (and for W&B a samples table) to each configured logger; a logger's failure
+    is a warning, never the loss of a finished evaluation."""
+    numbers = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+    rows = [[s["prompt"], s["response"], s["score"]] for s in evaluation.samples]
+    for logger in loggers:
+        try:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_metrics(numbers)
+            if hasattr(logger, "log_table"):
+                logger.log_table(
+                    key="eval/samples", columns=["prompt", "response", "score"], data=rows
+                )
+            logger.finalize("success")
+        except Exception:
+            log.warning("logger %s failed", type(logger).__name__, exc_info=True)
+
+
+def git_commit() -> str | None:
+    """HEAD of the code's repository, suffixed `-dirty` with uncommitted changes."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    return (
+        f"{metrics['benchmark']} ({metrics['decoder']}): {metrics['metric']} "
+        f"{metrics[metrics['metric']]:.4f} on {metrics['num_scored']} problems | "
+        f"{metrics['tokens_per_second']:.1f} tokens/s | "
+        f"{metrics['tokens_per_forward']:.2f} tokens/forward (batch {metrics['batch_size']}) | "
+        f"{metrics['unmasked_per_step']:.2f} tokens/step per sequence | "
+        f"{metrics['forwards']} forwards"
+    )

@@ -1,0 +1,159 @@
+"""Evaluate a decoder on a benchmark: render, decode in batches, score, sum the cost.
+
+`evaluate` renders each problem with the chat template, decodes the prompts in batches
+through a `src.decoding.Decoder` (cached parallel decoding, or the AR baseline), scores the
+responses and sums what decoding cost. `python -m src.eval` runs it on an export
+(`src.evaluation.run`); `src.training.decode_eval.DecodeEval` on a few problems during training::
+
+    decoder = load_decoder("artifacts/tiny", DecodeSettings.defaults())
+    evaluation = evaluate(decoder, get("synthetic", n=20), problems, batch_size=8)
+    evaluation.metrics("accuracy")["accuracy"], evaluation.samples[0]["response"]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from src.decoding import Decoder
+from src.evaluation.benchmarks import Benchmark
+
+log = logging.getLogger(__name__)
+
+# Benchmarks scored by running the program: their accuracy is pass@1 (greedy, one sample).
+CODE_BENCHMARKS = ("humaneval", "mbpp")
+
+
+def metric_name(benchmark: Benchmark) -> str:
+    return "pass@1" if benchmark.name in CODE_BENCHMARKS else "accuracy"
+
+
+def render_prompts(
+    tokenizer: PreTrainedTokenizerBase, benchmark: Benchmark, problems: Sequence[dict]
+) -> list[str]:
+    """Each problem's chat prompt as text, ending with the assistant header."""
+    return [
+        tokenizer.apply_chat_template(
+            benchmark.messages(problem), tokenize=False, add_generation_prompt=True
+        )
+        for problem in problems
+    ]
+
+
+@dataclass
+class Evaluation:
+    """Scored samples and what decoding them cost (summable over batches and ranks)."""
+
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    tokens: int = 0
+    forwards: int = 0
+    seconds: float = 0.0
+    denoising_steps: int = 0
+    unmasked: int = 0
+    score_errors: int = 0
+
+    def metrics(self, metric: str) -> dict[str, float | int]:
+        """Score (`metric` = accuracy or pass@1) and decoding cost.
+
+        `tokens_per_forward` counts a batched forward once (the decoder's definition);
+        `unmasked_per_step` is the mean parallelism of one sequence's denoising steps
+        (1.0 at threshold 1).
+        """
+        n = len(self.samples)
+        return {
+            metric: sum(s["score"] for s in self.samples) / n if n else 0.0,
+            "num_scored": n,
+            "score_errors": self.score_errors,
+            "tokens": self.tokens,
+            "forwards": self.forwards,
+            "seconds": self.seconds,
+            "tokens_per_second": self.tokens / self.seconds if self.seconds > 0 else 0.0,
+            "tokens_per_forward": self.tokens / self.forwards if self.forwards else 0.0,
+            "unmasked_per_step": (
+                self.unmasked / self.denoising_steps if self.denoising_steps else 0.0
+            ),
+        }
+
+    def by_task(self) -> dict[str, float]:
+        """Mean score per task family, for benchmarks whose problems name one (synthetic)."""
+        scores: dict[str, list[bool]] = {}
+        for sample in self.samples:
+            if "task" in sample:
+                scores.setdefault(sample["task"], []).append(sample["score"])
+        return {task: sum(s) / len(s) for task, s in sorted(scores.items())}
+
+    @staticmethod
+    def merge(parts: Sequence[Evaluation]) -> Evaluation:
+        """Results of ranks that decoded side by side: counts add up, wall time is the longest."""
+        merged = Evaluation(seconds=max((p.seconds for p in parts), default=0.0))
+        for part in parts:
+            merged.samples += part.samples
+            merged.tokens += part.tokens
+            merged.forwards += part.forwards
+            merged.denoising_steps += part.denoising_steps
+            merged.unmasked += part.unmasked
+            merged.score_errors += part.score_errors
+        return merged
+
+
+def evaluate(
+    decoder: Decoder,
+    benchmark: Benchmark,
+    problems: Sequence[dict],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Evaluation:
+    """Decode `problems` in batches of `batch_size` and score the responses."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    tokenizer = decoder.tokenizer
+    texts = render_prompts(tokenizer, benchmark, problems)
+    evaluation = Evaluation()
+    responses: list[str] = []
+    batches = range(0, len(texts), batch_size)
+    for start in tqdm(batches, desc=f"{benchmark.name} ({decoder.name})", disable=not progress):
+        batch = texts[start : start + batch_size]
+        result = decoder.generate(
+            [tokenizer(t, add_special_tokens=False)["input_ids"] for t in batch]
+        )
+        responses += tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
+        evaluation.tokens += result.num_tokens
+        evaluation.forwards += result.forwards
+        evaluation.seconds += result.seconds
+        evaluation.denoising_steps += result.denoising_steps
+        evaluation.unmasked += sum(sum(steps) for steps in result.unmasked_per_step)
+    scores, evaluation.score_errors = score_safely(benchmark, problems, responses)
+    evaluation.samples = [
+        {"prompt": text, "response": response, "score": bool(score)}
+        | ({"task": problem["task"]} if "task" in problem else {})
+        for problem, text, response, score in zip(problems, texts, responses, scores, strict=True)
+    ]
+    return evaluation
+
+
+def score_safely(
+    benchmark: Benchmark, problems: Sequence[dict], responses: Sequence[str]
+) -> tuple[list[bool], int]:
+    """Scores, and how many responses the scorer crashed on (those count as wrong).
+
+    A scorer bug on one odd response must cost that sample, not the run's other results.
+    """
+    try:
+        return benchmark.score_many(problems, responses), 0
+    except Exception:
+        log.warning("%s: score_many failed; scoring one by one", benchmark.name, exc_info=True)
+    scores, errors = [], 0
+    for problem, response in zip(problems, responses, strict=True):
+        try:
+            scores.append(bool(benchmark.score(problem, response)))
+        except Exception:
+            log.warning("%s: scorer failed on a response", benchmark.name, exc_info=True)
+            scores.append(False)
+            errors += 1
+    return scores, errors

@@ -1,0 +1,211 @@
+"""Memory plan of a training run (`python -m src.plan`): parameters and per-GPU memory under
+DDP, ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload, at the run's micro-batch and sequence length.
+
+The model is built on the meta device from its config alone (no weights are read). Model
+states (16-bit weights, gradients, fp32 master weights and Adam moments) come from DeepSpeed's
+own estimators; activations are counted per token for the block-diffusion layout (two noisy
+views and one shared clean stream: 3L tokens per sample), with gradient checkpointing as
+configured. All sizes in GiB.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from src.config import ConfigError
+from src.model import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+BF16 = 2
+FP32 = 4
+
+# Used only when the hub cannot be reached (offline machines); copied from the models'
+# config.json on the hub.
+KNOWN_ARCHITECTURES = {
+    "Qwen/Qwen2.5-1.5B-Instruct": {
+        "model_type": "qwen2",
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+    "Qwen/Qwen2.5-7B-Instruct": {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+@dataclass
+class Row:
+    """Per-GPU memory of one strategy, GiB."""
+
+    strategy: str
+    states: float
+    activations: float
+    total: float
+    fits: bool
+    host_per_node: float
+
+
+@dataclass
+class Plan:
+    source: str
+    params: int
+    largest_layer: int
+    gpus: int
+    tokens_per_sample: int
+    activations: float  # per GPU, GiB, strategy-independent
+    rows: list[Row]
+
+
+def model_config(model: DictConfig) -> tuple[PretrainedConfig, str]:
+    """The architecture of `model` and a line saying where it came from."""
+    pretrained = model.get("pretrained")
+    if pretrained is None:
+        tokenizer = build_tokenizer(model)  # the scratch vocabulary is the tokenizer's
+        config = AutoConfig.for_model(**{**model.config, "vocab_size": len(tokenizer)})
+        return config, "scratch config (model.config)"
+    kwargs = {"gguf_file": model.gguf_file} if model.get("gguf_file") else {}
+    try:
+        return AutoConfig.from_pretrained(pretrained, **kwargs), pretrained
+    except OSError as err:
+        if pretrained not in KNOWN_ARCHITECTURES:
+            raise ValueError(
+                f"cannot read the config of model.pretrained={pretrained} ({err}): "
+                "pass a local folder holding its config.json"
+            ) from None
+        config = AutoConfig.for_model(**KNOWN_ARCHITECTURES[pretrained])
+        return config, f"{pretrained} (hub unreachable: built-in copy of its architecture)"
+
+
+def count_parameters(config: PretrainedConfig) -> tuple[int, int]:
+    """(all parameters, the largest single module's own parameters), from a meta-device model."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest
+
+
+def streams(diffusion: DictConfig) -> tuple[int, int]:
+    """(sequences of length L run per sample, of which carry logits) for the objective."""
+    if diffusion.objective == "ar":
+        return 1, 1
+    views = 2 if diffusion.complementary else 1
+    if diffusion.shared_clean_stream or views == 1:
+        return views + 1, views  # [x_t views ; x_0]
+    return 2 * views, views  # one [x_t ; x_0] per view
+
+
+def activation_bytes(
+    config: PretrainedConfig, tokens: int, logit_rows: int, checkpointing: bool
+) -> int:
+    """Activations kept for backward by one micro-batch (bf16), plus logits and the mask.
+
+    Per token and layer a pre-norm decoder keeps about 6h + 2 kv + 4 I 16-bit values
+    (norm outputs, q/k/v, attention output, MLP gate/up/act/product) and two fp32 norm inputs.
+    With checkpointing only each layer's input stays, and one layer is recomputed at a time.
+    """
+    h, layers = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    per_layer = tokens * (BF16 * (6 * h + 2 * kv + 4 * config.intermediate_size) + 2 * FP32 * h)
+    layer_inputs = layers * tokens * h * BF16
+    kept = layer_inputs + per_layer if checkpointing else layers * per_layer
+    # bf16 logits, their fp32 copy in the loss, and its gradient (an upper bound: the loss
+    # upcasts only the masked positions).
+    logits = logit_rows * config.vocab_size * (BF16 + 2 * FP32)
+    return kept + logits
+
+
+def memory_plan(cfg: DictConfig) -> Plan:
+    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
+    if not isinstance(devices, int) or not isinstance(nodes, int):
+        raise ConfigError(
+            f"trainer.devices={devices} / trainer.num_nodes={nodes}: the plan needs numbers, "
+            "e.g. trainer.devices=8 trainer.num_nodes=8"
+        )
+    # Imported here: DeepSpeed takes seconds to import and probes for accelerators.
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    config, source = model_config(cfg.model)
+    params, largest = count_parameters(config)
+    run_streams, logit_streams = streams(cfg.diffusion)
+    seq_len, batch = cfg.data.seq_len, cfg.data.batch_size
+    tokens = batch * run_streams * seq_len
+    mask = (run_streams * seq_len) ** 2 * BF16  # one additive mask, broadcast over the batch
+    activations = (
+        activation_bytes(config, tokens, batch * logit_streams * seq_len, _checkpointing(cfg))
+        + mask
+    )
+    buffer = cfg.plan.cpu_buffer_factor
+    estimates = {
+        # bf16-mixed DDP: fp32 weights, gradients and Adam moments on every GPU, 16 B/param;
+        # every process loads the fp32 model on the host first.
+        "ddp": (params * FP32 * devices * buffer, params * 4 * FP32),
+        "deepspeed_zero2": estimate_zero2_model_states_mem_needs(
+            params, devices, nodes, cpu_offload=False, additional_buffer_factor=buffer
+        ),
+        "deepspeed_zero3": estimate_zero3_model_states_mem_needs(
+            params, largest, devices, nodes, False, False, True, buffer
+        ),
+        "deepspeed_zero3_offload": estimate_zero3_model_states_mem_needs(
+            params, largest, devices, nodes, True, True, True, buffer
+        ),
+    }
+    rows = []
+    for name, (host, states, *_) in estimates.items():
+        total = (states + activations) / GIB + cfg.plan.overhead_gb
+        fits = total <= cfg.plan.gpu_memory_gb
+        rows.append(Row(name, states / GIB, activations / GIB, total, fits, host / GIB))
+    return Plan(source, params, largest, devices * nodes, tokens // batch, activations / GIB, rows)
+
+
+def _checkpointing(cfg: DictConfig) -> bool:
+    return bool(cfg.model.get("gradient_checkpointing", False))
+
+
+def format_plan(plan: Plan, cfg: DictConfig) -> str:
+    checkpointing = "on" if _checkpointing(cfg) else "off"
+    seq_len = cfg.data.seq_len
+    lines = [
+        f"model:       {plan.source}",
+        f"parameters:  {plan.params:,} ({plan.params / 1e9:.3f} B), "
+        f"largest module {plan.largest_layer:,}",
+        f"GPUs:        {plan.gpus} = {cfg.trainer.num_nodes} node(s) x {cfg.trainer.devices}",
+        f"micro-batch: {cfg.data.batch_size} x {plan.tokens_per_sample} tokens "
+        f"({plan.tokens_per_sample // seq_len}L, L = {seq_len}), gradient checkpointing "
+        f"{checkpointing}, bf16 mixed precision",
+        f"per-GPU memory, GiB (GPU: {cfg.plan.gpu_memory_gb}, overhead {cfg.plan.overhead_gb}):",
+        f"{'strategy':<25}{'states':>9}{'activations':>13}{'total':>9}  fits  host RAM/node",
+    ]
+    for row in plan.rows:
+        lines.append(
+            f"{row.strategy:<25}{row.states:>9.2f}{row.activations:>13.2f}{row.total:>9.2f}"
+            f"  {'yes' if row.fits else 'NO ':<4}  {row.host_per_node:>8.1f}"
+        )
+    return "\n".join(lines)

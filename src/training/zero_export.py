@@ -1,0 +1,49 @@
+"""HF export of a Lightning DeepSpeed checkpoint of `DiffusionLM` (`python -m src.zero_to_hf`).
+
+The checkpoint is the folder Lightning's DeepSpeedStrategy writes per checkpoint (e.g.
+`checkpoints/last.ckpt/`). The model and tokenizer are rebuilt from the run's hyperparameters
+saved in it, then the consolidated fp32 weights are loaded and written with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from src.model import build_tokenizer
+from src.training.module import DiffusionLM
+from src.training.zero import export_zero_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def _checkpoint_client_state(checkpoint_dir: str, tag: str | None) -> dict[str, Any]:
+    """What Lightning stored next to the weights (hyperparameters, global step, ...)."""
+    if tag is None:
+        with open(os.path.join(checkpoint_dir, "latest")) as f:
+            tag = f.read().strip()
+    # `mp_rank_00_model_states.pt`, or `zero_pp_rank_0_mp_rank_00_model_states.pt` (ZeRO-3).
+    files = sorted(glob.glob(os.path.join(checkpoint_dir, tag, "*mp_rank_00_model_states.pt")))
+    if not files:
+        raise ValueError(f"{checkpoint_dir}/{tag} holds no DeepSpeed model states file")
+    return torch.load(files[0], map_location="cpu", weights_only=False)
+
+
+def export_lightning_zero_checkpoint(
+    checkpoint_dir: str, path: str, tag: str | None = None
+) -> None:
+    """HF export of a Lightning DeepSpeed checkpoint of `DiffusionLM`, rebuilt from the run's
+    saved hyperparameters (the model's pretrained source must still be reachable)."""
+    client = _checkpoint_client_state(checkpoint_dir, tag)
+    hparams = client["hyper_parameters"]
+    tokenizer = build_tokenizer(OmegaConf.create(hparams["model"]))
+    module = DiffusionLM(tokenizer, **hparams)
+    module.configure_model()
+    settings = {**module.export_settings(), "trained_steps": client["global_step"]}
+    export_zero_checkpoint(checkpoint_dir, module.model, tokenizer, settings, path, tag=tag)
+    log.info("HF export of %s written to %s", checkpoint_dir, path)
