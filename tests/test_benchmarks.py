@@ -1,14 +1,18 @@
-"""Benchmarks: loading (local jsonl, bundled HumanEval, synthetic), prompts, extraction, scoring."""
+"""Benchmarks: loading (local jsonl, bundled HumanEval, synthetic), prompts, extraction, scoring;
+code benchmarks refuse to start without a working sandbox unless opted in, and say which ran."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize
+from hydra import compose, initialize, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 
+from src.config import ConfigError
 from src.evaluation.benchmarks import NAMES, get
 from src.evaluation.benchmarks.code import extract_code
 from src.evaluation.benchmarks.reasoning import (
@@ -18,6 +22,11 @@ from src.evaluation.benchmarks.reasoning import (
     math_equal,
     normalize_math,
 )
+from src.evaluation.run import evaluate_export
+from src.evaluation.sandbox import BWRAP_ENV, bwrap_available
+from tests.fixtures.exports import DECODE, make_export
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
@@ -211,3 +220,100 @@ def test_all_humaneval_canonical_solutions_pass() -> None:
     problems = bench.load()
     responses = [f"```python\n{p['prompt']}{p['canonical_solution']}```" for p in problems]
     assert bench.score_many(problems, responses) == [True] * len(problems)
+
+
+# --- code benchmarks need a working sandbox (or the loudly named opt-in) ---------------------
+
+
+@pytest.fixture
+def no_bwrap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bubblewrap hidden through the sandbox's own setting (a missing executable)."""
+    monkeypatch.setenv(BWRAP_ENV, "/nonexistent/bwrap")
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_export(tmp_path_factory.mktemp("code") / "export", block_size=8)
+
+
+def _eval_cfg(ckpt: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("eval", [f"ckpt={ckpt}", *overrides])
+
+
+CODE_RUN = ["limit=1", "batch_size=1", "decode.max_new_tokens=8", "decode.sub_block_size=4"]
+
+
+@pytest.mark.parametrize("name", ["humaneval", "mbpp"])
+def test_code_benchmarks_refuse_to_start_without_bwrap(no_bwrap: None, name: str) -> None:
+    bench = get(name)
+    with pytest.raises(ConfigError) as error:
+        bench.check()
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{name}: refusing to run model-written code")
+    assert "apt-get install bubblewrap" in message and "install_system_deps.sh" in message
+    assert "benchmark.allow_unconfined=true" in message
+    get(name, allow_unconfined=True).check()  # the opt-in: starts (with a loud warning)
+
+
+def test_code_benchmarks_report_their_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not bwrap_available():
+        pytest.skip("bwrap unavailable here (scripts/install_system_deps.sh)")
+    assert get("humaneval").execution() == {"sandbox": "bubblewrap", "allow_unconfined": False}
+    # Opted in but bwrap works: programs still run under it.
+    opted = get("mbpp", allow_unconfined=True).execution()
+    assert opted == {"sandbox": "bubblewrap", "allow_unconfined": True}
+    monkeypatch.setenv(BWRAP_ENV, "/nonexistent/bwrap")
+    unconfined = get("humaneval", allow_unconfined=True).execution()
+    assert unconfined == {"sandbox": "UNCONFINED (allow_unconfined=true)", "allow_unconfined": True}
+    synthetic = get("synthetic")
+    assert synthetic.check() is None and synthetic.execution() is None  # runs no code
+
+
+def test_allow_unconfined_is_a_config_bool() -> None:
+    with pytest.raises(ConfigError, match="allow_unconfined must be true or false"):
+        get("humaneval", allow_unconfined="false")
+    with initialize(config_path="../conf", version_base=None):
+        default = compose(config_name="benchmark/humaneval")
+        opted = compose(config_name="benchmark/mbpp", overrides=["benchmark.allow_unconfined=true"])
+    assert instantiate(default.benchmark).allow_unconfined is False
+    assert instantiate(opted.benchmark).allow_unconfined is True
+
+
+def test_eval_refuses_before_the_model_loads(
+    no_bwrap: None, export_dir: Path, tmp_path: Path
+) -> None:
+    # Only diffusion.json: enough for the config checks, not for loading a model, so an error
+    # about bubblewrap proves the sandbox was checked before the model loads.
+    ckpt = tmp_path / "settings-only"
+    ckpt.mkdir()
+    shutil.copy(export_dir / "diffusion.json", ckpt / "diffusion.json")
+    with pytest.raises(ConfigError, match="apt-get install bubblewrap") as error:
+        evaluate_export(_eval_cfg(ckpt, "benchmark=humaneval", *CODE_RUN), str(tmp_path / "run"))
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("confined", [True, False], ids=["bwrap", "unconfined"])
+def test_eval_records_the_sandbox_in_metrics(
+    confined: bool, export_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides = ["benchmark=humaneval", *CODE_RUN]
+    if confined and not bwrap_available():
+        pytest.skip("bwrap unavailable here (scripts/install_system_deps.sh)")
+    if not confined:
+        monkeypatch.setenv(BWRAP_ENV, "/nonexistent/bwrap")
+        overrides.append("benchmark.allow_unconfined=true")
+    evaluate_export(_eval_cfg(export_dir, *overrides), str(tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    expected = "bubblewrap" if confined else "UNCONFINED (allow_unconfined=true)"
+    assert metrics["code_execution"] == {"sandbox": expected, "allow_unconfined": not confined}
+    assert metrics["num_scored"] == 1
+
+
+def test_decode_eval_refuses_code_benchmarks_without_bwrap(no_bwrap: None) -> None:
+    from src.training.decode_eval import DecodeEval
+
+    with pytest.raises(ConfigError, match="apt-get install bubblewrap"):
+        DecodeEval({"he": get("humaneval"), "synthetic": get("synthetic")}, DECODE)
+    DecodeEval({"synthetic": get("synthetic")}, DECODE)  # no code to run: nothing to refuse

@@ -31,6 +31,7 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
     check_export(cfg.ckpt, cfg.decode, cfg.decoder)
     options = {k: v for k, v in OmegaConf.to_container(cfg.benchmark).items() if k != "_target_"}
     benchmark = get(**options)
+    benchmark.check()  # e.g. no sandbox for model-written code: fail now, not after decoding
     problems = benchmark.load(limit=cfg.limit)
     loggers = [instantiate(c) for c in cfg.logger.values()]
 
@@ -42,6 +43,7 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
         "metric": metric,
         **evaluation.metrics(metric),
         **({"by_task": by_task} if (by_task := evaluation.by_task()) else {}),
+        **({"code_execution": execution} if (execution := benchmark.execution()) else {}),
         "ckpt": os.path.abspath(cfg.ckpt),
         "decoder": cfg.decoder,
         "decode": decoder.settings.as_dict(),

@@ -6,17 +6,26 @@ Each program gets:
 - resource limits set with ``resource.setrlimit`` in the child before exec: address space,
   CPU seconds, file size, open files and process count;
 - its own session / process group, killed as a whole at the end, plus a wall-clock timeout;
-- when the evaluator runs as root: a private, otherwise unused uid (``RLIMIT_NPROC`` is not enforced
-  for root, and a separate uid can neither signal the evaluator nor write its files); every process
-  left with that uid is killed after the run;
-- when Debian's ``bubblewrap`` is available: a network namespace (no network, not even loopback),
-  a pid namespace, and a read-only view of the filesystem except the working directory and an
-  empty private ``/tmp``. Where ``bwrap`` is missing or fails its probe, programs run without it
-  and one warning is logged.
+- when the evaluator runs as root: a private, otherwise unused uid, and every process left with
+  that uid is killed after the run (``src.evaluation.sandbox_processes``);
+- bubblewrap (``bwrap``): a network namespace (no network, not even loopback), a pid namespace,
+  and a read-only view of the filesystem except the working directory and an empty private
+  ``/tmp``. It runs as an unprivileged user through a user namespace, so it works for a
+  non-root evaluator too.
+
+The sandbox fails closed: where bwrap is missing or fails its probe, ``run_program`` and
+``run_many`` raise ``SandboxUnavailable`` (naming how to install it) and run nothing, unless
+the caller passes ``allow_unconfined=True``; then programs run with only the limits above (with
+network access and the filesystem the uid can write), and one loud warning is logged.
+``SANDBOX_BWRAP`` names the bwrap executable (default: ``bwrap`` on ``PATH``); the probe is
+cached per value, so tests can hide bubblewrap with ``SANDBOX_BWRAP=/nonexistent``.
+
+This module and ``sandbox_processes`` import only the standard library, so any Python can run
+them (the non-root test runs them with the system's).
 
 Usage::
 
-    from src.sandbox import run_program, run_many
+    from src.evaluation.sandbox import run_program, run_many
     result = run_program("print(1 + 1)", timeout=5.0)
     result.passed, result.status, result.stdout  # (True, "passed", "2\\n")
     results = run_many([src_a, src_b], workers=4, timeout=10.0)
@@ -24,13 +33,11 @@ Usage::
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,14 +48,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from src.evaluation.sandbox_processes import (
+    UIDS,
+    become_subreaper,
+    kill_everything,
+    sweep_uid,
+    tasks_of_uid,
+)
+
 log = logging.getLogger(__name__)
 
 _TAIL_CHARS = 2000
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
-# Private uids: a block per evaluator process so concurrent evaluators never share one (the
-# after-run sweep kills every process of a uid). Far above the range of real accounts.
-_UID_BASE = 1_000_000
-_UIDS_PER_PROCESS = 256
+BWRAP_ENV = "SANDBOX_BWRAP"
+INSTALL_HINT = "install it (apt-get install bubblewrap, or bash scripts/install_system_deps.sh)"
+
+
+class SandboxUnavailable(RuntimeError):
+    """No working bubblewrap and no ``allow_unconfined``: nothing was run."""
 
 
 @dataclass(frozen=True)
@@ -82,46 +99,27 @@ class Limits:
                 raise ValueError(f"sandbox {name} must be >= 1, got {getattr(self, name)}")
 
 
-class _UidPool:
-    """Hands out private uids, one per running program, when the evaluator is root."""
+@dataclass(frozen=True)
+class _Probe:
+    """The bwrap executable that works here, else (``path`` None) why not, in one line."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._free: list[int] = []
-        self._next = 0
-
-    def acquire(self) -> int | None:
-        if os.geteuid() != 0:
-            return None
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-            if self._next >= _UIDS_PER_PROCESS:
-                raise RuntimeError(f"more than {_UIDS_PER_PROCESS} programs running at once")
-            base = _UID_BASE + (os.getpid() % 10_000) * _UIDS_PER_PROCESS
-            self._next += 1
-            return base + self._next - 1
-
-    def release(self, uid: int | None) -> None:
-        if uid is not None:
-            with self._lock:
-                self._free.append(uid)
+    path: str | None
+    problem: str | None
 
 
-_UIDS = _UidPool()
-_BWRAP_LOCK = threading.Lock()
-_bwrap_ok: bool | None = None
+# Keyed by $SANDBOX_BWRAP (None: unset), so a changed setting is probed afresh.
+_PROBE_LOCK = threading.Lock()
+_probes: dict[str | None, _Probe] = {}
+_UNCONFINED_LOCK = threading.Lock()
+_warned_unconfined = False
 _PYTHON_LOCK = threading.Lock()
 _python: str | None = None
-_SUBREAPER_LOCK = threading.Lock()
-_subreaper = False
-_PR_SET_CHILD_SUBREAPER = 36
 
 
-def _bwrap_command(workdir: Path) -> list[str]:
+def _bwrap_command(bwrap: str, workdir: Path) -> list[str]:
     """bwrap prefix: no network, own pid namespace, read-only root, writable ``workdir`` only."""
     return [
-        "bwrap",
+        bwrap,
         "--unshare-user",
         "--disable-userns",
         "--unshare-net",
@@ -142,29 +140,80 @@ def _bwrap_command(workdir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _probe() -> _Probe:
+    setting = os.environ.get(BWRAP_ENV)
+    with _PROBE_LOCK:
+        if setting not in _probes:
+            _probes[setting] = _probe_bwrap(setting)
+        return _probes[setting]
+
+
+def bwrap_problem() -> str | None:
+    """Why bubblewrap cannot confine programs here (one line), or None when it can."""
+    return _probe().problem
+
+
 def bwrap_available() -> bool:
-    """Whether bubblewrap runs here with our flags (probed once; warns once when it does not)."""
-    global _bwrap_ok
-    with _BWRAP_LOCK:
-        if _bwrap_ok is None:
-            _bwrap_ok = _probe_bwrap()
-            if not _bwrap_ok:
-                log.warning(
-                    "bubblewrap (bwrap) is missing or fails here: sandboxed programs run WITHOUT a "
-                    "network namespace or read-only filesystem; run scripts/install_system_deps.sh"
-                )
-        return _bwrap_ok
+    """Whether bubblewrap runs here with our flags (probed once per ``SANDBOX_BWRAP`` value)."""
+    return bwrap_problem() is None
 
 
-def _probe_bwrap() -> bool:
-    if shutil.which("bwrap") is None:
-        return False
-    uid = _UIDS.acquire()
+def _probe_bwrap(setting: str | None) -> _Probe:
+    if setting is None:
+        path = shutil.which("bwrap") or shutil.which("bwrap", path=_SAFE_PATH)
+        if path is None:
+            return _Probe(None, "is not installed (no bwrap on PATH)")
+    else:
+        path = shutil.which(setting) if setting else None
+        if path is None:
+            return _Probe(None, f"is not found ({BWRAP_ENV}={setting!r})")
+    # Probe as the uid programs will run as: bwrap must work for it, not just for us.
+    uid = UIDS.acquire()
     try:
         with _workspace(uid) as (workdir, _):
-            return _runs_as(uid, [*_bwrap_command(workdir), "true"])
+            error = _run_as(uid, [*_bwrap_command(path, workdir), "true"])
     finally:
-        _UIDS.release(uid)
+        UIDS.release(uid)
+    if error is not None:
+        # Installed but failing: usually no user namespaces for unprivileged users (a container
+        # without them, or a sysctl such as user.max_user_namespaces=0).
+        return _Probe(None, f"({path}) fails here: {error} (it needs unprivileged user namespaces)")
+    return _Probe(path, None)
+
+
+def confinement(allow_unconfined: bool = False, *, opt_in: str = "allow_unconfined=True") -> str:
+    """How programs run here: "bubblewrap" when it works; else "unconfined" when
+    ``allow_unconfined`` (with one loud warning per process); else ``SandboxUnavailable``, whose
+    one-line message says how to install bubblewrap and names ``opt_in``."""
+    return "bubblewrap" if _bwrap_or_none(allow_unconfined, opt_in) else "unconfined"
+
+
+def _bwrap_or_none(allow_unconfined: bool, opt_in: str) -> str | None:
+    """``confinement``'s decision: the bwrap to run programs under, or None for unconfined."""
+    global _warned_unconfined
+    # A truthy string such as "false" from a hand-built config must not open the sandbox.
+    if not isinstance(allow_unconfined, bool):
+        raise TypeError(f"allow_unconfined must be a bool, got {allow_unconfined!r}")
+    probe = _probe()
+    if probe.problem is None:
+        return probe.path
+    problem = probe.problem
+    if not allow_unconfined:
+        raise SandboxUnavailable(
+            f"refusing to run model-written code: bubblewrap {problem}; {INSTALL_HINT}, or set "
+            f"{opt_in} to run it UNCONFINED (with network access and a writable filesystem)"
+        )
+    with _UNCONFINED_LOCK:
+        if not _warned_unconfined:
+            _warned_unconfined = True
+            log.warning(
+                "!!! RUNNING MODEL-WRITTEN CODE UNCONFINED (%s): bubblewrap %s; programs have "
+                "network access and can write wherever their uid can; %s !!!",
+                opt_in,
+                problem,
+                INSTALL_HINT,
+            )
+    return None
 
 
 def _interpreter(uid: int | None) -> str:
@@ -173,7 +222,9 @@ def _interpreter(uid: int | None) -> str:
     with _PYTHON_LOCK:
         if _python is None:
             candidates = [sys.executable, shutil.which("python3", path=_SAFE_PATH)]
-            found = next((c for c in candidates if c and _runs_as(uid, [c, "-I", "-c", ""])), None)
+            found = next(
+                (c for c in candidates if c and _run_as(uid, [c, "-I", "-c", ""]) is None), None
+            )
             if found is None:
                 raise RuntimeError(f"no Python among {candidates} is executable by uid {uid}")
             _python = found
@@ -187,26 +238,28 @@ def _interpreter(uid: int | None) -> str:
         return _python
 
 
-def _runs_as(uid: int | None, command: list[str]) -> bool:
-    _become_subreaper()
+def _run_as(uid: int | None, command: list[str]) -> str | None:
+    """Run ``command`` as ``uid``; None when it exits 0, else why not (one line)."""
+    become_subreaper()
     try:
-        return (
-            subprocess.run(
-                command,
-                user=uid,
-                group=uid,
-                extra_groups=[] if uid is not None else None,
-                env={"PATH": _SAFE_PATH},
-                capture_output=True,
-                timeout=30,
-            ).returncode
-            == 0
+        done = subprocess.run(
+            command,
+            user=uid,
+            group=uid,
+            extra_groups=[] if uid is not None else None,
+            env={"PATH": _SAFE_PATH},
+            capture_output=True,
+            timeout=30,
         )
-    except (OSError, subprocess.SubprocessError):
-        return False
+    except (OSError, subprocess.SubprocessError) as error:
+        return str(error).replace("\n", " ")
     finally:
         if uid is not None:
-            _sweep_uid(uid)
+            sweep_uid(uid)
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.decode(errors="replace").strip().splitlines()
+    return lines[-1][:300] if lines else f"exit status {done.returncode}"
 
 
 class _workspace:
@@ -241,74 +294,6 @@ def _set_limits(limits: Limits, nproc: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _processes_of_uid(uid: int) -> list[tuple[int, str]]:
-    """(pid, state) of every process owned by ``uid``, zombies included, from /proc."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.stat(entry.path).st_uid != uid:
-                continue
-            # The state follows the parenthesised command name, which may itself hold spaces.
-            state = Path(entry.path, "stat").read_text().rpartition(")")[2].split()[0]
-        except (OSError, IndexError):
-            continue
-        found.append((int(entry.name), state))
-    return found
-
-
-def _pids_of_uid(uid: int) -> list[int]:
-    """Live (not zombie) processes owned by ``uid``."""
-    return [pid for pid, state in _processes_of_uid(uid) if state not in "ZX"]
-
-
-def _become_subreaper() -> None:
-    """Orphans of sandboxed programs (bwrap's pid-namespace init among them) reparent to this
-    process instead of the machine's init, so they are reaped at once rather than left as zombies
-    that still count against the private uid's process limit."""
-    global _subreaper
-    with _SUBREAPER_LOCK:
-        if not _subreaper:
-            libc = ctypes.CDLL(None, use_errno=True)
-            _subreaper = libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-            if not _subreaper:
-                log.warning("cannot become a child subreaper; sandbox zombies wait for init")
-
-
-def _kill_everything(proc: subprocess.Popen, uid: int | None) -> None:
-    """Kill the program's process group, then kill and reap every process of its private uid."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-    if uid is not None:
-        _sweep_uid(uid)
-
-
-def _sweep_uid(uid: int) -> None:
-    """Kill and reap what is left of ``uid``: a program can leave its process group (setsid) but
-    never its uid."""
-    for _ in range(100):
-        processes = _processes_of_uid(uid)
-        pending = 0
-        for pid, state in processes:
-            try:
-                if state in "ZX":
-                    os.waitpid(pid, os.WNOHANG)
-                else:
-                    os.kill(pid, signal.SIGKILL)
-                    pending += 1
-            except (ChildProcessError, ProcessLookupError):
-                continue  # not our child to reap, or already gone
-            pending += state in "ZX"
-        if not pending:
-            return
-        time.sleep(0.01)
-    raise RuntimeError(f"sandbox processes of uid {uid} survive SIGKILL: {_pids_of_uid(uid)}")
-
-
 def _tail(path: Path) -> str:
     with path.open("rb") as f:
         f.seek(max(0, path.stat().st_size - 4 * _TAIL_CHARS))
@@ -323,13 +308,14 @@ def run_program(
     max_processes: int = 16,
     file_size_mb: int = 16,
     python: str | None = None,
-    use_bwrap: bool | None = None,
+    allow_unconfined: bool = False,
 ) -> ExecResult:
     """Run Python ``source`` contained; passed means exit status 0 within ``timeout`` seconds.
 
-    ``use_bwrap``: None uses bubblewrap when it works here; False runs without it (no network
-    namespace); True requires it. ``python`` defaults to this interpreter where the sandbox
-    uid can execute it, else the system's ``python3``; it runs isolated (``-I``).
+    Under bubblewrap, or raises ``SandboxUnavailable`` before running anything where it does not
+    work, unless ``allow_unconfined`` (then without it, warned). ``python`` defaults to this
+    interpreter where the sandbox uid can execute it, else the system's ``python3``; it runs
+    isolated (``-I``).
     """
     limits = Limits(
         timeout=timeout,
@@ -337,14 +323,9 @@ def run_program(
         file_size_mb=file_size_mb,
         max_processes=max_processes,
     )
-    if use_bwrap is None:
-        use_bwrap = bwrap_available()
-    elif use_bwrap and not bwrap_available():
-        raise RuntimeError(
-            "use_bwrap=True but bwrap fails here; run scripts/install_system_deps.sh"
-        )
-    _become_subreaper()
-    uid = _UIDS.acquire()
+    bwrap = _bwrap_or_none(allow_unconfined, "allow_unconfined=True")
+    become_subreaper()
+    uid = UIDS.acquire()
     try:
         with _workspace(uid) as (workdir, base):
             program = workdir / "program.py"
@@ -352,8 +333,8 @@ def run_program(
             if uid is not None:
                 os.chown(program, uid, uid)
             command = [python or _interpreter(uid), "-I", str(program)]
-            if use_bwrap:
-                command = _bwrap_command(workdir) + command
+            if bwrap is not None:
+                command = _bwrap_command(bwrap, workdir) + command
             env = {
                 "PATH": _SAFE_PATH,
                 "HOME": str(workdir),
@@ -364,8 +345,9 @@ def run_program(
             }
             nproc = limits.max_processes
             if uid is None:
-                # RLIMIT_NPROC counts every process of the user, the evaluator's own included.
-                nproc += len(_pids_of_uid(os.getuid()))
+                # RLIMIT_NPROC counts every thread of the user (zombies too), the evaluator's own
+                # included: the limit is on top of those.
+                nproc += tasks_of_uid(os.getuid())
             out_path, err_path = base / "stdout", base / "stderr"
             start = time.monotonic()
             with out_path.open("wb") as out, err_path.open("wb") as err:
@@ -387,7 +369,7 @@ def run_program(
                 except subprocess.TimeoutExpired:
                     returncode = None
                 finally:
-                    _kill_everything(proc, uid)
+                    kill_everything(proc, uid, bwrap=bwrap is not None)
             seconds = time.monotonic() - start
             status = "timeout" if returncode is None else "passed" if returncode == 0 else "failed"
             return ExecResult(
@@ -399,12 +381,25 @@ def run_program(
                 seconds=seconds,
             )
     finally:
-        _UIDS.release(uid)
+        UIDS.release(uid)
 
 
-def run_many(sources: Sequence[str], *, workers: int = 4, **options: object) -> list[ExecResult]:
-    """``run_program`` over ``sources`` with ``workers`` programs at a time, results in order."""
+def run_many(
+    sources: Sequence[str],
+    *,
+    workers: int = 4,
+    allow_unconfined: bool = False,
+    **options: object,
+) -> list[ExecResult]:
+    """``run_program`` over ``sources`` with ``workers`` programs at a time, results in order;
+    refuses (``SandboxUnavailable``) once, before any program runs, where bubblewrap fails."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    confinement(allow_unconfined)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda source: run_program(source, **options), sources))
+        return list(
+            pool.map(
+                lambda source: run_program(source, allow_unconfined=allow_unconfined, **options),
+                sources,
+            )
+        )

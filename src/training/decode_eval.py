@@ -56,6 +56,8 @@ class DecodeEval(L.Callback):
         if every_n_steps < 1 or batch_size < 1:
             raise ValueError("decode_eval every_n_steps and batch_size must be >= 1")
         check_decoder_name(decoder)
+        for benchmark in benchmarks.values():
+            benchmark.check()  # e.g. no sandbox for code: fail before training, not at step N
         self.benchmarks, self.decode = dict(benchmarks), _plain(decode)
         self.limit, self.every_n_steps = limit, every_n_steps
         self.batch_size, self.decoder = batch_size, decoder

@@ -1,10 +1,11 @@
-"""Evaluation benchmarks: ``get(name, **options)`` -> ``load``, ``messages`` and ``score``.
+"""Evaluation benchmarks: ``get(name, **options)`` -> ``check``, ``load``, ``messages``, ``score``.
 
 Names: gsm8k, math, humaneval, mbpp, synthetic. Options are those of ``conf/benchmark/<name>.yaml``
 (``path``, ``hub_name``, ``hub_config``, ``split``, ``limit``, plus per-benchmark ones), so Hydra
 can build one with ``hydra.utils.instantiate(cfg.benchmark)``::
 
     bench = get("humaneval", limit=5)
+    bench.check()  # before anything expensive: HumanEval/MBPP refuse to start without bubblewrap
     problems = bench.load()
     ok = bench.score(problems[0], "```python\\n...\\n```")
 """

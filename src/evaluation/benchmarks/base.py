@@ -37,6 +37,14 @@ class Benchmark:
         rows = self._rows()
         return rows[:limit] if limit is not None else rows
 
+    def check(self) -> None:
+        """Raise ``ConfigError`` (one line) when this benchmark cannot score here; called at the
+        start of an evaluation, before the model loads. Nothing to check by default."""
+
+    def execution(self) -> dict[str, object] | None:
+        """How model-written code runs (for metrics.json), or None for a benchmark running none."""
+        return None
+
     def messages(self, problem: dict) -> list[dict[str, str]]:
         """The chat prompt, to be rendered with the tokenizer's chat template by the caller."""
         raise NotImplementedError

@@ -3,7 +3,9 @@
 The response is the model's chat answer: the fenced code block is taken (bare code when there is
 no fence). For HumanEval, a response that defines the entry point is appended after the prompt
 (so the prompt's imports and helpers stay available); otherwise it is a body and completes the
-prompt. Programs run through ``src.sandbox`` (never in this process), passing on exit status 0.
+prompt. Programs run through ``src.evaluation.sandbox`` (never in this process), passing on exit
+status 0, and only under bubblewrap: ``check`` refuses to start without it unless
+``allow_unconfined=True`` (``benchmark.allow_unconfined=true``), which metrics.json records.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from src.config import ConfigError
 from src.evaluation.benchmarks.base import Benchmark, check_pairs
-from src.evaluation.sandbox import run_many
+from src.evaluation.sandbox import SandboxUnavailable, confinement, run_many
+
+_OPT_IN = "benchmark.allow_unconfined=true"
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
@@ -38,15 +43,46 @@ def _defines(code: str, name: str) -> bool:
 
 
 class _CodeBenchmark(Benchmark):
-    """Sandbox options: ``timeout`` seconds and ``memory_mb`` per program, ``workers`` at once."""
+    """Sandbox options: ``timeout`` seconds and ``memory_mb`` per program, ``workers`` at once;
+    ``allow_unconfined`` lets programs run without bubblewrap (network, writable filesystem)."""
 
     def __init__(
-        self, *, timeout: float = 10.0, memory_mb: int = 1024, workers: int = 4, **options: object
+        self,
+        *,
+        timeout: float = 10.0,
+        memory_mb: int = 1024,
+        workers: int = 4,
+        allow_unconfined: bool = False,
+        **options: object,
     ) -> None:
         super().__init__(**options)
         if workers < 1:
             raise ValueError(f"benchmark.workers must be >= 1, got {workers}")
+        # A string "false" would be truthy: only a real bool may open the sandbox.
+        if not isinstance(allow_unconfined, bool):
+            raise ConfigError(
+                f"benchmark.allow_unconfined must be true or false, got {allow_unconfined!r}"
+            )
         self.timeout, self.memory_mb, self.workers = timeout, memory_mb, workers
+        self.allow_unconfined = allow_unconfined
+
+    def check(self) -> None:
+        """Bubblewrap works here, or running unconfined was asked for (warned loudly, once)."""
+        self._confinement()
+
+    def execution(self) -> dict[str, object]:
+        sandbox = (
+            "bubblewrap"
+            if self._confinement() == "bubblewrap"
+            else "UNCONFINED (allow_unconfined=true)"
+        )
+        return {"sandbox": sandbox, "allow_unconfined": self.allow_unconfined}
+
+    def _confinement(self) -> str:
+        try:
+            return confinement(self.allow_unconfined, opt_in=_OPT_IN)
+        except SandboxUnavailable as error:
+            raise ConfigError(f"{self.name}: {error}") from None
 
     def program(self, problem: dict, response: str) -> str:
         """The test program for a response: the solution followed by its tests."""
@@ -65,6 +101,7 @@ class _CodeBenchmark(Benchmark):
             workers=workers or self.workers,
             timeout=self.timeout,
             memory_mb=self.memory_mb,
+            allow_unconfined=self.allow_unconfined,
         )
         return [result.passed for result in results]
 
