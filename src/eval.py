@@ -5,6 +5,7 @@
     python -m src.eval ckpt=<export> benchmark=gsm8k decoder=ar
     python -m src.eval -m ckpt=<export> decode.threshold=1.0,0.9,0.7   # one directory per run
     python -m src.eval ckpt=<export> logger=wandb                      # also to W&B (offline ok)
+    torchrun --nproc_per_node 8 -m src.eval ckpt=<export> benchmark=gsm8k hydra.run.dir=<dir>
 
 Writes `metrics.json` (score, per task family where the benchmark has them, decoding speed,
 the full decode config, versions, git commit) and `samples.jsonl` (prompt, response, score)
@@ -13,6 +14,8 @@ to the export's trained block size.
 """
 
 from __future__ import annotations
+
+import os
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -28,8 +31,9 @@ def main(cfg: DictConfig) -> float:
         metrics = evaluate_export(cfg, output_dir)
     except ValueError as err:  # ConfigError included: one line, before any decoding
         raise SystemExit(f"error: {err}") from None
-    print(f"metrics: {output_dir}/metrics.json (samples.jsonl beside it)")
-    print(summary(metrics), flush=True)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"metrics: {output_dir}/metrics.json (samples.jsonl beside it)")
+        print(summary(metrics), flush=True)
     return metrics[metrics["metric"]]
 
 

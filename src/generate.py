@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
 from src.decoding import (
@@ -33,6 +33,8 @@ from src.decoding import (
 
 def check_config(cfg: DictConfig) -> DecodeSettings:
     """Every check that needs no model; returns the resolved decode settings."""
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise ConfigError("pass ckpt=<export dir>, e.g. ckpt=artifacts/tiny")
     if cfg.chat == (cfg.prompt is not None):
         raise ConfigError('pass exactly one of prompt="..." and chat=true')
     if cfg.prompt is not None and not str(cfg.prompt).strip():

@@ -12,16 +12,19 @@ preempted or killed job started again in the same run directory continues where 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import hydra
 import lightning as L
-from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import ConfigError
+from src.config import ConfigError, instantiate
 from src.model import build_tokenizer
+from src.model.export import SETTINGS_FILE
 from src.training.checks import check_train
+from src.training.guards import RunDirLock, TrainingDiverged, is_first_process
 from src.training.module import DiffusionLM
 from src.training.resume import resume_path
 
@@ -30,22 +33,36 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     check_train(cfg)
+    # One run per run directory; every output folder writable before anything loads.
+    lock = RunDirLock(cfg.paths.output_dir) if is_first_process() else None
+    try:
+        return _fit(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = build_tokenizer(cfg.model)
+    ckpt_path = resume_path(cfg, tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     # Plain containers: checkpoints then hold no OmegaConf objects and load with weights_only.
     plain = {
         k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "diffusion", "optim")
     }
     module = DiffusionLM(tokenizer, **plain, seed=cfg.seed)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     loggers = [instantiate(c) for c in cfg.logger.values()]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    if not loggers:  # `logger=none`: nothing to monitor the learning rate into
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         log.info("checkpoints: %s", cfg.paths.ckpt_dir)
-        log.info("HF export:   %s", cfg.paths.export_dir)
+        exported = os.path.exists(os.path.join(cfg.paths.export_dir, SETTINGS_FILE))
+        log.info("HF export:   %s", cfg.paths.export_dir if exported else "none written")
         log.info("metrics:     %s", metrics)
     return metrics
 
@@ -56,6 +73,8 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
+    except TrainingDiverged as err:
+        raise SystemExit(f"error: {err}") from None
     # The value Hydra sweepers optimise.
     return metrics.get("val/loss")
 

@@ -326,3 +326,24 @@ def test_flex_attention_matches_sdpa():
             use_sub_block_cache=sub_cache,
         )
         assert decode(flex, prompts, **kw).tokens == decode(sdpa, prompts, **kw).tokens
+
+
+def test_ids_past_the_tokenizer_are_never_emitted():
+    """Embedding rows no token has (Qwen2.5's padding rows) made the most likely: without
+    `vocab_limit` both decoders emit them, with it neither does."""
+    limit = 40
+    model = make_model()
+    boost = torch.zeros(VOCAB, dtype=model.dtype)
+    boost[limit:MASK_ID] = 1e4
+    model.lm_head.register_forward_hook(lambda module, args, out: out + boost)
+    prompts = [prompt(5), prompt(9)]
+    kw = dict(block_size=8, sub_block_size=4, threshold=0.9, max_new_tokens=12)
+    ids = dict(mask_token_id=MASK_ID, stop_token_id=NO_STOP)
+    free = generate(model, prompts, **ids, **kw).tokens
+    assert any(t >= limit for row in free for t in row)
+    limited = generate(model, prompts, **ids, **kw, vocab_limit=limit).tokens
+    assert all(t < limit for row in limited for t in row) and all(len(r) == 12 for r in limited)
+    ar = generate_ar(model, prompts, stop_token_id=NO_STOP, max_new_tokens=12)
+    assert any(t >= limit for row in ar.tokens for t in row)
+    ar = generate_ar(model, prompts, stop_token_id=NO_STOP, max_new_tokens=12, vocab_limit=limit)
+    assert all(t < limit for row in ar.tokens for t in row)

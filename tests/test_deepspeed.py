@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -96,8 +97,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, setup: dict, out: str) -> None:
-    """One DeepSpeed rank: what Lightning's DeepSpeedStrategy does, minus its CUDA check."""
+def _engine(rank: int, port: int, setup: dict) -> tuple:
+    """One DeepSpeed rank: what Lightning's DeepSpeedStrategy does, minus its CUDA check.
+    Returns (engine, module, tokenizer, the weights as loaded)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -109,9 +111,8 @@ def _worker(rank: int, port: int, setup: dict, out: str) -> None:
     import deepspeed
     import lightning as L
     from hydra.utils import instantiate
-    from lightning.pytorch.strategies.strategy import _ForwardRedirection
 
-    from src.model import load_tokenizer, save_export
+    from src.model import load_tokenizer
     from src.training.module import DiffusionLM
     from src.training.zero import gathered_parameters
 
@@ -131,6 +132,16 @@ def _worker(rank: int, port: int, setup: dict, out: str) -> None:
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=strategy.config, dist_init_required=False
     )
+    return engine, module, tokenizer, loaded
+
+
+def _worker(rank: int, port: int, setup: dict, out: str) -> None:
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    from src.model import save_export
+    from src.training.zero import unpartitioned
+
+    engine, module, tokenizer, loaded = _engine(rank, port, setup)
     generator = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, len(tokenizer) - 1, (1, SEQ_LEN), generator=generator)
     labels = ids.clone()
@@ -149,14 +160,22 @@ def _worker(rank: int, port: int, setup: dict, out: str) -> None:
     with torch.no_grad():
         logits = module.model(probe).logits.float()
     # What HFExport does at the end of fit: gather on every rank, save on rank 0.
-    with gathered_parameters(module.model):
+    with unpartitioned(module.model) as plain:
         if rank == 0:
-            save_export(module.model, tokenizer, module.export_settings(), f"{out}/live_export")
+            save_export(plain, tokenizer, module.export_settings(), f"{out}/live_export")
     if rank == 0:
         torch.save({"loaded": loaded, "logits": logits, "probe": probe}, f"{out}/rank0.pt")
         partitioned = [p.numel() for p in module.model.parameters()]
         with open(f"{out}/rank0.json", "w") as f:
             json.dump({"losses": losses, "local_numel": sum(partitioned)}, f)
+    _shut_down()
+
+
+def _shut_down() -> None:
+    """Leave together and close the process group: a rank exiting with gloo's threads still
+    running can abort ("terminate called without an active exception")."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def run_deepspeed(strategy: str, pretrained: Path, out: Path, *overrides: str) -> dict:
@@ -225,3 +244,99 @@ def test_zero_training_checkpoint_and_export(strategy, pretrained, tmp_path):
     live = load_export(str(tmp_path / "live_export"), dtype=torch.bfloat16)
     with torch.no_grad():
         torch.testing.assert_close(live.model(result["probe"]).logits.float(), logits)
+
+
+def _decode_eval_worker(rank: int, port: int, setup: dict, out: str) -> None:
+    """Training steps, a decode evaluation whose ranks make different numbers of forwards,
+    more training steps: what DecodeEval does under ZeRO-3, on raw DeepSpeed."""
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    from src.decoding import make_decoder
+    from src.evaluation.benchmarks import get
+    from src.evaluation.runner import evaluate, evaluate_distributed
+    from src.model import Export
+    from src.training.zero import is_partitioned, unpartitioned
+
+    engine, module, tokenizer, _ = _engine(rank, port, setup)
+    ids = torch.randint(
+        0, len(tokenizer) - 1, (1, SEQ_LEN), generator=torch.Generator().manual_seed(rank)
+    )
+    batch = {"input_ids": ids, "labels": ids.clone()}
+
+    def steps(n: int) -> list[float]:
+        losses = []
+        for step in range(n):
+            loss = _ForwardRedirection()(
+                engine, module, "loss", batch, torch.Generator().manual_seed(step)
+            )
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        return losses
+
+    before = steps(2)
+    bench = get("synthetic", n=5)
+    problems = bench.load()
+    decode = {"block_size": None, "sub_block_size": 4, "threshold": 0.9, "max_new_tokens": 8,
+              "use_sub_block_cache": False, "temperature": 0.0, "top_p": 1.0}  # fmt: skip
+    module.model.eval()
+    with torch.no_grad(), unpartitioned(module.model) as plain:
+        decoder = make_decoder(Export(plain, tokenizer, module.export_settings()), decode)
+        # One problem: rank 0 decodes it (several forwards), rank 1 has none (no forward).
+        one = evaluate_distributed(decoder, bench, problems[:1], batch_size=2)
+        five = evaluate_distributed(decoder, bench, problems, batch_size=2)
+        alone = evaluate(decoder, bench, problems, batch_size=2) if rank == 0 else None
+    module.model.train()
+    after = steps(2)
+    if rank == 0:
+        result = {
+            "partitioned": is_partitioned(module.model),
+            "one": {"forwards": one.forwards, "samples": one.samples},
+            "five": {"tokens": five.tokens, "samples": five.samples},
+            "alone": {"tokens": alone.tokens, "samples": alone.samples},
+            "losses": before + after,
+        }
+        with open(f"{out}/decode_eval.json", "w") as f:
+            json.dump(result, f)
+    _shut_down()
+
+
+@pytest.mark.slow
+def test_decode_eval_under_zero3_cannot_deadlock(pretrained, tmp_path):
+    cfg = compose_train(
+        "strategy=deepspeed_zero3",
+        "model=hf",
+        f"model.pretrained={pretrained[True]}",
+        f"diffusion.block_size={BLOCK}",
+        f"data.seq_len={SEQ_LEN}",
+        "data.batch_size=1",
+        "trainer.strategy.config.zero_optimization.stage3_param_persistence_threshold=0",
+    )
+    setup = {
+        "pretrained": str(pretrained[True]),
+        "strategy": OmegaConf.to_container(cfg.trainer.strategy),
+        "ds_config": deepspeed_config(cfg),
+        **{
+            k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "diffusion", "optim")
+        },
+    }
+    context = torch.multiprocessing.start_processes(
+        _decode_eval_worker,
+        args=(free_port(), setup, str(tmp_path)),
+        nprocs=WORLD,
+        start_method="spawn",
+        join=False,
+    )
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the decode evaluation under ZeRO-3 hung (a rank waited for another)")
+    result = json.loads((tmp_path / "decode_eval.json").read_text())
+    assert result["partitioned"]
+    assert len(result["one"]["samples"]) == 1 and result["one"]["forwards"] >= 3
+    # The ranks' shards, merged: exactly what one process decodes alone.
+    assert result["five"]["samples"] == result["alone"]["samples"]
+    assert result["five"]["tokens"] == result["alone"]["tokens"]
+    assert len(result["losses"]) == 4 and all(loss == loss for loss in result["losses"])

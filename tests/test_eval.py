@@ -179,3 +179,31 @@ def test_multirun_gives_each_threshold_its_own_directory(export_dir, tmp_path):
     assert runs[0]["unmasked_per_step"] == 1.0  # threshold 1: one token per step
     assert runs[0]["forwards"] >= runs[1]["forwards"]
     assert list((tmp_path / "0" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_process_writes(export_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m src.eval` (gloo on CPU): rank 0 writes the files, the
+    same samples and scores as one process (decoding is batch-invariant)."""
+    args = [f"ckpt={export_dir}", *FAST]
+    one = run_eval(*args, f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + ["-m", "src.eval", *args, f"hydra.run.dir={tmp_path / 'two'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "two" / "samples.jsonl").read_text() == (
+        tmp_path / "one" / "samples.jsonl"
+    ).read_text()
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two")]
+    assert [m["processes"] for m in metrics] == [1, 2]
+    for key in ("accuracy", "num_scored", "tokens", "by_task", "decode"):
+        assert metrics[0][key] == metrics[1][key], key
+    assert two.stdout.count("metrics:") == 1  # printed by rank 0 only

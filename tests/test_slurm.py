@@ -223,10 +223,15 @@ def test_preempted_jobs_resume_to_the_same_final_loss(cluster, artifacts, straig
     run.wait()
 
     reference = logged(straight.dir / "0", "train/loss")
-    assert (run.dir / "0/checkpoints/preempted.ckpt").exists(), "no checkpoint on SIGUSR1"
     logs = run.dir / ".submitit" / run.job_id(0)
     job_log = "".join(p.read_text() for p in logs.glob(f"{run.job_id(0)}_0_log.*"))
+    assert "preempted.ckpt written" in job_log, "no checkpoint on SIGUSR1"
     assert f"requeueing job {run.job_id(0)}" in job_log
+    # Retention: the newest two periodic checkpoints, last.ckpt linking to the newest, and the
+    # preemption checkpoint gone once a newer one exists.
+    kept = sorted(p.name for p in (run.dir / "0/checkpoints").iterdir())
+    assert kept == ["last.ckpt", "step000008.ckpt", "step000012.ckpt"], kept
+    assert (run.dir / "0/checkpoints/last.ckpt").resolve().name == "step000012.ckpt"
     for num in (0, 1):
         assert len(list((run.dir / str(num)).glob("csv/version_*"))) == 2  # two attempts
         resumed = logged(run.dir / str(num), "train/loss")

@@ -52,6 +52,7 @@ def test_fast_dev_run_of_the_paper_experiments_on_a_tiny_model(artifacts, tmp_pa
         f"model.pretrained={artifacts}/tiny_ar",
         "model.gradient_checkpointing=true",
         "data=synthetic",
+        "data.prepared=null",
         "trainer.accelerator=cpu",
         "trainer.devices=1",
         "trainer.num_nodes=1",

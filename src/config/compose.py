@@ -1,14 +1,20 @@
-"""Compose the configs under `conf/` from code, exactly as the entry points do."""
+"""Compose the configs under `conf/` and instantiate their targets from code, as the entry
+points do."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, open_dict
+
+from src.config.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -23,3 +29,22 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def run_overrides() -> list[str] | None:
+    """The command-line overrides of the current Hydra run (or `compose`), None outside one."""
+    if not HydraConfig.initialized():
+        return None
+    return list(HydraConfig.get().overrides.task)
+
+
+def instantiate(config: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, letting a `ConfigError` raised by the target through as
+    itself (Hydra wraps it in a multi-line InstantiationException), so entry points print
+    it as one line."""
+    try:
+        return hydra_instantiate(config, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise

@@ -1,18 +1,26 @@
-"""LightningDataModule over packed chat SFT contexts (see `src.data.sft`)."""
+"""LightningDataModule over packed chat SFT contexts, prepared once (`src.data.prepare`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
-import datasets
 import lightning as L
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from src.data.sft import build_sft_dataset, check_chat_tokenizer, check_lengths, source_items
-from src.model.tokenizer import mask_token_id_of
+from src.config import ConfigError
+from src.data.prepare import MANIFEST, prepare
+from src.data.prepared import PreparedSplit, check_prepared, prepare_command
+from src.data.sft import check_chat_tokenizer, check_lengths
+from src.data.sources import source_items
+from src.model.tokenizer import tokenizer_fingerprint
 
 
 class ResumableShuffleSampler(Sampler[int]):
@@ -58,9 +66,13 @@ class ResumableShuffleSampler(Sampler[int]):
 
 
 class ChatDataModule(L.LightningDataModule):
-    """Train/validation batches ``{input_ids, labels}``, LongTensors ``[b, seq_len]``.
+    """Train/validation batches ``{input_ids, labels}``, LongTensors ``[b, seq_len]``, read from a
+    prepared directory (`src.data.prepare`).
 
-    `source` picks the chats (see `src.data.sft.source_items`), e.g.
+    `prepared`: a directory `python -m src.prepare_data` wrote (checked against the run when the
+    module is built, before any model loads). Without one, the small sources (synthetic, jsonl;
+    see `src.data.sources`) are prepared on the fly into `cache_dir/<hash of the settings>` by
+    one process (Lightning's `prepare_data` runs on global rank 0 only), e.g. `source`
     ``{"kind": "synthetic", "n_train": 20000, "n_val": 200, "n_test": 100, "seed": 0}``.
     """
 
@@ -74,36 +86,58 @@ class ChatDataModule(L.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         seed: int = 0,
+        prepared: str | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         check_lengths(seq_len, block_size)
         check_chat_tokenizer(tokenizer)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.prepare_data_per_node = False  # one process prepares, on a filesystem all share
         self.tokenizer = tokenizer
-        self.source = dict(source)
+        self.source = (
+            OmegaConf.to_container(source) if isinstance(source, DictConfig) else dict(source)
+        )
         self.seq_len, self.block_size, self.pad_to_block = seq_len, block_size, pad_to_block
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.mask_token_id = mask_token_id_of(tokenizer)
-        self.train_dataset: datasets.Dataset | None = None
-        self.val_dataset: datasets.Dataset | None = None
+        self.lengths = {"seq_len": seq_len, "block_size": block_size, "pad_to_block": pad_to_block}
+        if prepared is not None:
+            check_prepared(prepared, tokenizer=tokenizer, **self.lengths)
+        elif self.source.get("kind") == "hub":
+            raise ConfigError(
+                "data.source is a hub dataset: prepare it once with "
+                f"`{prepare_command('<dir>')}`, then train with data.prepared=<dir>"
+            )
+        self.prepared = prepared
+        self._cache = cache_dir or tempfile.mkdtemp(prefix="chat-data-")
+        self.train_dataset: PreparedSplit | None = None
+        self.val_dataset: PreparedSplit | None = None
 
-    def _build(self, split: str) -> datasets.Dataset:
-        dataset = build_sft_dataset(
-            self.tokenizer,
-            source_items(self.source, split),
-            self.seq_len,
-            self.block_size,
-            self.pad_to_block,
-            self.mask_token_id,
+    @property
+    def directory(self) -> Path:
+        """The prepared directory this module reads: `prepared`, or its on-the-fly cache."""
+        if self.prepared is not None:
+            return Path(self.prepared)
+        key = json.dumps(
+            [self.source, self.lengths, tokenizer_fingerprint(self.tokenizer)], sort_keys=True
         )
-        return dataset.with_format("torch")
+        return Path(self._cache) / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def prepare_data(self) -> None:
+        if self.prepared is None and not (self.directory / MANIFEST).exists():
+            prepare(self.tokenizer, self.source, out=self.directory, overwrite=True, **self.lengths)
 
     def setup(self, stage: str | None = None) -> None:
-        # Built once: Lightning calls setup for fit, validate and test alike.
-        if self.train_dataset is None:
-            self.train_dataset = self._build("train")
-            self.val_dataset = self._build("validation")
+        # Once: Lightning calls setup for fit, validate and test alike. Outside a Trainer (no
+        # process group) nobody else prepares the data.
+        if self.train_dataset is not None:
+            return
+        if not torch.distributed.is_initialized():
+            self.prepare_data()
+        manifest = check_prepared(self.directory, tokenizer=self.tokenizer, **self.lengths)
+        self.train_dataset = PreparedSplit(self.directory, "train", manifest)
+        self.val_dataset = PreparedSplit(self.directory, "validation", manifest)
 
     def train_dataloader(self) -> DataLoader:
         # Lightning asks for the loader after restoring a checkpoint: global_step is the

@@ -6,13 +6,15 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from src.config import ConfigError
+
 
 def read_jsonl(path: str | Path, key: str = "the path") -> list[dict]:
     """Objects of a jsonl file, blank lines skipped. A missing file or a line that is not JSON
-    is a one-line ValueError naming the file (and the config `key` that set it)."""
+    is a one-line ConfigError naming the file (and the config `key` that set it)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} not found; set {key}")
+        raise ConfigError(f"data file {str(path)!r} not found; set {key}")
     rows = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -21,7 +23,7 @@ def read_jsonl(path: str | Path, key: str = "the path") -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(
+                raise ConfigError(
                     f"{path}:{number} is not valid JSON ({err.msg}); fix or remove the line"
                 ) from None
     return rows

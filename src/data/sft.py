@@ -9,24 +9,20 @@ block size (so no block straddles two samples), then samples are packed into con
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 from transformers import PreTrainedTokenizerBase
 
 from src.config import ConfigError
-from src.data.jsonl import read_jsonl
-from src.data.synthetic import generate_split
 from src.diffusion.loss import IGNORE_INDEX
 from src.model.tokenizer import mask_token_id_of
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import datasets
 
-SOURCE_KINDS = ("synthetic", "jsonl", "hub")
-# Keys of a synthetic source giving the number of items per split.
-_SYNTHETIC_SIZE_KEYS = {"train": "n_train", "validation": "n_val", "test": "n_test"}
+log = logging.getLogger(__name__)
 
 
 def check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -105,10 +101,73 @@ class PackStats:
     supervised_tokens: int = 0
 
 
-def _is_empty_chat(messages: Sequence[Mapping[str, str]]) -> bool:
+def is_empty_chat(messages: Sequence[Mapping[str, str]]) -> bool:
     """No assistant turn, or one with blank content: nothing worth supervising."""
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     return not replies or any(not (r or "").strip() for r in replies)
+
+
+def render_sample(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]
+) -> tuple[list[int], list[int]]:
+    """`render_chat`, or an empty sample (dropped when packed) for a chat with no answer."""
+    return ([], []) if is_empty_chat(messages) else render_chat(tokenizer, messages)
+
+
+class Packer:
+    """Packs rendered samples, in order, into contexts of exactly `seq_len` tokens.
+
+    A sample longer than `seq_len` is cut to `seq_len` (a block boundary, as seq_len is a
+    multiple of block_size) and dropped when no supervised token survives the cut; an empty
+    sample counts as dropped. With `pad_to_block` a sample is padded with mask ids to a block
+    multiple. A sample that does not fit in the current context starts the next one; a
+    context's tail holds mask ids with label -100. Holds one context at a time.
+    """
+
+    def __init__(
+        self, seq_len: int, block_size: int, pad_to_block: bool, mask_token_id: int
+    ) -> None:
+        check_lengths(seq_len, block_size)
+        self.seq_len, self.block_size = seq_len, block_size
+        self.pad_to_block, self.mask_token_id = pad_to_block, mask_token_id
+        self.stats = PackStats()
+
+    def contexts(
+        self, samples: Iterable[tuple[list[int], list[int]]]
+    ) -> Iterator[tuple[list[int], list[int]]]:
+        """(input_ids, labels) of each context, as soon as it is full."""
+        seq_len, stats = self.seq_len, self.stats
+        ids: list[int] = []
+        labels: list[int] = []
+        for sample_ids, sample_labels in samples:
+            stats.samples += 1
+            if not len(sample_ids):
+                stats.dropped_empty += 1
+                continue
+            if len(sample_ids) > seq_len:
+                stats.truncated += 1
+                sample_ids, sample_labels = sample_ids[:seq_len], sample_labels[:seq_len]
+            supervised = sum(label != IGNORE_INDEX for label in sample_labels)
+            if supervised == 0:
+                stats.dropped_unsupervised += 1
+                continue
+            if self.pad_to_block:
+                fill = -len(sample_ids) % self.block_size
+                sample_ids = list(sample_ids) + [self.mask_token_id] * fill
+                sample_labels = list(sample_labels) + [IGNORE_INDEX] * fill
+            if len(ids) + len(sample_ids) > seq_len:
+                yield self._close(ids, labels)
+                ids, labels = [], []
+            ids, labels = ids + list(sample_ids), labels + list(sample_labels)
+            stats.packed += 1
+            stats.supervised_tokens += supervised
+        if ids:
+            yield self._close(ids, labels)
+
+    def _close(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        self.stats.contexts += 1
+        fill = self.seq_len - len(ids)
+        return ids + [self.mask_token_id] * fill, labels + [IGNORE_INDEX] * fill
 
 
 def pack(
@@ -118,49 +177,29 @@ def pack(
     pad_to_block: bool,
     mask_token_id: int,
 ) -> tuple[dict[str, list[list[int]]], PackStats]:
-    """Pack rendered samples in order into contexts of exactly `seq_len` tokens.
-
-    A sample longer than `seq_len` is cut to `seq_len` (a block boundary, as seq_len is a
-    multiple of block_size) and dropped when no supervised token survives the cut; an empty
-    sample counts as dropped. A sample that does not fit in the current context starts the
-    next one.
-    """
-    check_lengths(seq_len, block_size)
-    stats = PackStats(samples=len(samples))
+    """All contexts of `Packer` at once (small data), with what happened to the samples."""
+    packer = Packer(seq_len, block_size, pad_to_block, mask_token_id)
     contexts: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-    ids: list[int] = []
-    labels: list[int] = []
+    for ids, labels in packer.contexts(samples):
+        contexts["input_ids"].append(ids)
+        contexts["labels"].append(labels)
+    return contexts, packer.stats
 
-    def flush() -> None:
-        fill = seq_len - len(ids)
-        contexts["input_ids"].append(ids + [mask_token_id] * fill)
-        contexts["labels"].append(labels + [IGNORE_INDEX] * fill)
 
-    for sample_ids, sample_labels in samples:
-        if not sample_ids:
-            stats.dropped_empty += 1
-            continue
-        if len(sample_ids) > seq_len:
-            stats.truncated += 1
-            sample_ids, sample_labels = sample_ids[:seq_len], sample_labels[:seq_len]
-        supervised = sum(label != IGNORE_INDEX for label in sample_labels)
-        if supervised == 0:
-            stats.dropped_unsupervised += 1
-            continue
-        if pad_to_block:
-            fill = -len(sample_ids) % block_size
-            sample_ids = sample_ids + [mask_token_id] * fill
-            sample_labels = sample_labels + [IGNORE_INDEX] * fill
-        if len(ids) + len(sample_ids) > seq_len:
-            flush()
-            ids, labels = [], []
-        ids, labels = ids + sample_ids, labels + sample_labels
-        stats.packed += 1
-        stats.supervised_tokens += supervised
-    if ids:
-        flush()
-    stats.contexts = len(contexts["input_ids"])
-    return contexts, stats
+def log_pack_stats(stats: PackStats, seq_len: int, what: str = "") -> None:
+    log.info(
+        "packed %d/%d samples%s into %d contexts of %d tokens (%d supervised tokens); "
+        "dropped %d empty + %d unsupervised, truncated %d",
+        stats.packed,
+        stats.samples,
+        what,
+        stats.contexts,
+        seq_len,
+        stats.supervised_tokens,
+        stats.dropped_empty,
+        stats.dropped_unsupervised,
+        stats.truncated,
+    )
 
 
 def check_lengths(seq_len: int, block_size: int) -> None:
@@ -183,74 +222,23 @@ def build_sft_dataset(
     pad_to_block: bool = True,
     mask_token_id: int | None = None,
 ) -> datasets.Dataset:
-    """Packed SFT contexts: a Dataset with `input_ids` and `labels`, each of length `seq_len`.
+    """Packed SFT contexts in memory: a Dataset with `input_ids` and `labels`, each of length
+    `seq_len` (small data; `src.data.prepare` writes large data to disk the same way).
 
     `items` are chats (anything with a `messages` column). `mask_token_id` defaults to the
     tokenizer's MASK_TOKEN id.
     """
+    import datasets
+
     check_lengths(seq_len, block_size)
     check_chat_tokenizer(tokenizer)
     if mask_token_id is None:
         mask_token_id = mask_token_id_of(tokenizer)
-    chats = (
-        items if isinstance(items, datasets.Dataset) else datasets.Dataset.from_list(list(items))
-    )
-    if "messages" not in chats.column_names:
-        raise ValueError(f"chat data needs a 'messages' column; got {chats.column_names}")
-
-    def render(example: dict) -> dict:
-        if _is_empty_chat(example["messages"]):
-            return {"input_ids": [], "labels": []}
-        input_ids, labels = render_chat(tokenizer, example["messages"])
-        return {"input_ids": input_ids, "labels": labels}
-
-    rendered = chats.map(render, remove_columns=chats.column_names, desc="render chats")
-    contexts, stats = pack(
-        list(zip(rendered["input_ids"], rendered["labels"], strict=True)),
-        seq_len,
-        block_size,
-        pad_to_block,
-        mask_token_id,
-    )
-    log.info(
-        "packed %d/%d samples into %d contexts of %d tokens (%d supervised tokens); "
-        "dropped %d empty + %d unsupervised, truncated %d",
-        stats.packed,
-        stats.samples,
-        stats.contexts,
-        seq_len,
-        stats.supervised_tokens,
-        stats.dropped_empty,
-        stats.dropped_unsupervised,
-        stats.truncated,
-    )
+    if isinstance(items, datasets.Dataset) and "messages" not in items.column_names:
+        raise ValueError(f"chat data needs a 'messages' column; got {items.column_names}")
+    samples = (render_sample(tokenizer, item["messages"]) for item in items)
+    contexts, stats = pack(list(samples), seq_len, block_size, pad_to_block, mask_token_id)
+    log_pack_stats(stats, seq_len)
     if stats.contexts == 0:
         raise ValueError("no usable samples: every chat was empty or lost its assistant turn")
     return datasets.Dataset.from_dict(contexts)
-
-
-def source_items(source: Mapping[str, Any], split: str) -> datasets.Dataset | list[dict]:
-    """The chats of one split of a data source.
-
-    Sources (`kind` key):
-    - ``synthetic``: ``n_train`` / ``n_val`` / ``n_test`` items and ``seed`` (default 0);
-    - ``jsonl``: a path per split under the split name (``train``, ``validation``, ``test``);
-    - ``hub``: ``name`` (and optional ``config``) for `datasets.load_dataset`, with a
-      ``messages`` column; the split name is ``{split}_split`` when given, else `split`.
-    """
-    kind = source.get("kind")
-    if kind == "synthetic":
-        size_key = _SYNTHETIC_SIZE_KEYS[split]
-        if size_key not in source:
-            raise ValueError(f"synthetic source needs {size_key!r} for the {split} split")
-        return generate_split(split, int(source[size_key]), seed=int(source.get("seed", 0)))
-    if kind == "jsonl":
-        if not source.get(split):
-            raise ValueError(f"jsonl source has no path for the {split!r} split")
-        return read_jsonl(source[split], key=f"data.source.{split}")
-    if kind == "hub":
-        if not source.get("name"):
-            raise ValueError("hub source needs 'name' (a datasets hub id)")
-        hub_split = source.get(f"{split}_split", split)
-        return datasets.load_dataset(source["name"], source.get("config"), split=hub_split)
-    raise ValueError(f"unknown data source kind {kind!r}; use one of {SOURCE_KINDS}")

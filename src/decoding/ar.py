@@ -16,16 +16,18 @@ def generate_ar(
     *,
     stop_token_id: int,
     max_new_tokens: int,
+    vocab_limit: int | None = None,
 ) -> GenerationResult:
     """Greedy AR decoding with HF `generate` (KV cache): the baseline for `generate`.
 
-    Prompts are left-padded into one batch; `forwards` = decoding steps taken.
+    Prompts are left-padded into one batch; `forwards` = decoding steps taken. Ids from
+    `vocab_limit` on (embedding rows no token has) are never emitted.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0 <= stop_token_id < vocab_size(model):
         raise ValueError(f"stop_token_id {stop_token_id} is outside the model's vocabulary")
-    validate_prompts(model, prompt_ids)
+    validate_prompts(model, prompt_ids, max_new_tokens)
     device, width = model.device, max(len(p) for p in prompt_ids)
     pad = model.config.pad_token_id
     pad = stop_token_id if pad is None else pad
@@ -38,6 +40,7 @@ def generate_ar(
         do_sample=False,
         eos_token_id=stop_token_id,
         pad_token_id=pad,
+        suppress_tokens=list(range(vocab_limit, vocab_size(model))) if vocab_limit else None,
     )
     started = time.perf_counter()
     with torch.inference_mode():

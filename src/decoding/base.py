@@ -44,14 +44,20 @@ def vocab_size(model: PreTrainedModel) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def validate_prompts(model: PreTrainedModel, prompt_ids: list[list[int]]) -> None:
+def validate_prompts(
+    model: PreTrainedModel, prompt_ids: list[list[int]], max_new_tokens: int
+) -> None:
+    """ValueError (one line) for prompts no decoder may take: empty ones, ids outside the
+    vocabulary, or a prompt that leaves no room for `max_new_tokens` in the model's context
+    (every decoder alike: an error, not a silent cut)."""
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("prompt_ids must be a non-empty list of non-empty token-id lists")
     context = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(p) for p in prompt_ids)
-    if context is not None and longest > context:
+    if context is not None and longest + max_new_tokens > context:
         raise ValueError(
-            f"a prompt has {longest} tokens, more than the model's context ({context}): shorten it"
+            f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"context of {context} tokens: lower decode.max_new_tokens or shorten the prompt"
         )
     vocab = vocab_size(model)
     if any(not 0 <= t < vocab for p in prompt_ids for t in p):

@@ -52,15 +52,19 @@ def _choose(
     temperature: float,
     top_p: float,
     generator: torch.Generator | None,
+    vocab_limit: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Token and its confidence per position: `[..., V]` -> `[...]`, `[...]`.
 
     Greedy: argmax and its softmax probability. Sampling: a draw from the temperature-scaled,
-    top-p-truncated distribution and its (renormalised) probability. The mask token is
-    excluded before the softmax, so it is never emitted.
+    top-p-truncated distribution and its (renormalised) probability. The mask token, and ids
+    from `vocab_limit` on (embedding rows no token has, e.g. Qwen2.5's padding rows), are
+    excluded before the softmax, so they are never emitted.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logits[..., mask_token_id] = -torch.inf
+    if vocab_limit is not None:
+        logits[..., vocab_limit:] = -torch.inf
     if temperature == 0:
         confidence, tokens = logits.softmax(-1).max(-1)
         return tokens, confidence
@@ -77,7 +81,11 @@ def _choose(
 
 
 def _check_ids(
-    model: PreTrainedModel, prompt_ids: list[list[int]], mask_token_id: int, stop_token_id: int
+    model: PreTrainedModel,
+    prompt_ids: list[list[int]],
+    mask_token_id: int,
+    stop_token_id: int,
+    max_new_tokens: int,
 ) -> None:
     vocab = vocab_size(model)
     if not 0 <= mask_token_id < vocab:
@@ -89,7 +97,7 @@ def _check_ids(
         raise ValueError(
             f"stop_token_id {stop_token_id} must be a vocabulary id other than the mask"
         )
-    validate_prompts(model, prompt_ids)
+    validate_prompts(model, prompt_ids, max_new_tokens)
 
 
 def generate(
@@ -106,6 +114,7 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    vocab_limit: int | None = None,
 ) -> GenerationResult:
     """Cached parallel block-diffusion decoding of a batch of prompts (any lengths).
 
@@ -113,7 +122,8 @@ def generate(
     and at least the most confident one (>= 1: one token per step; 0: a sub-block per step).
     `use_sub_block_cache`: reuse the block's stale keys/values while a sub-block is decoded
     (an approximation; exact when `sub_block_size == block_size`). `temperature > 0` samples
-    every token (AR steps too) with top-p truncation, drawing from `generator`.
+    every token (AR steps too) with top-p truncation, drawing from `generator`. Ids from
+    `vocab_limit` on (the tokenizer's length: untrained padding rows) are never emitted.
     Raises ValueError on bad arguments before any forward (the settings' rules are
     `DecodeSettings`'s).
     """
@@ -126,13 +136,15 @@ def generate(
         temperature=temperature,
         top_p=top_p,
     )
-    _check_ids(model, prompt_ids, mask_token_id, stop_token_id)
+    _check_ids(model, prompt_ids, mask_token_id, stop_token_id, max_new_tokens)
     decoder = _BlockDecoder(
         model,
         settings,
         mask_token_id=mask_token_id,
         stop_token_id=stop_token_id,
-        choose=lambda logits: _choose(logits, mask_token_id, temperature, top_p, generator),
+        choose=lambda logits: _choose(
+            logits, mask_token_id, temperature, top_p, generator, vocab_limit
+        ),
     )
     started = time.perf_counter()
     with torch.inference_mode():

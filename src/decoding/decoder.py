@@ -65,6 +65,7 @@ class DiffusionDecoder(Decoder):
             mask_token_id=trained["mask_token_id"],
             stop_token_id=trained["stop_token_id"],
             generator=self.generator,
+            vocab_limit=len(self.tokenizer),
             **self.settings.generate_kwargs(),
         )
 
@@ -81,6 +82,7 @@ class ARDecoder(Decoder):
             prompt_ids,
             stop_token_id=self.export.settings["stop_token_id"],
             max_new_tokens=self.settings.max_new_tokens,
+            vocab_limit=len(self.tokenizer),
         )
 
 
@@ -95,6 +97,11 @@ def decoder_name(decoder: str | None, trained: Mapping[str, Any], where: str = "
     check_decoder_name(decoder)
     if decoder is None:
         return "ar" if trained.get("objective") == "ar" else "diffusion"
+    if decoder == "diffusion" and trained.get("objective") == "ar":
+        raise ConfigError(
+            f"{where or 'the export'} was trained with the AR objective, not block diffusion: "
+            "decode it with decoder=ar"
+        )
     if decoder == "diffusion" and trained.get("mask_token_id") is None:
         raise ConfigError(
             f"{where or 'the export'} has no mask token, so it cannot diffuse: use decoder=ar"
@@ -148,7 +155,7 @@ def load_decoder(
     *,
     decoder: str | None = None,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     attn_implementation: str = "sdpa",
     seed: int = 0,
 ) -> Decoder:

@@ -35,7 +35,7 @@ class FastDLLM(TemplateLM):
         *,
         decoder: str = "diffusion",
         device: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         batch_size: int | str | None = DEFAULT_BATCH_SIZE,
         max_batch_size: int | None = None,
         seed: int = 0,

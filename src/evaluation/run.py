@@ -1,5 +1,8 @@
 """What `python -m src.eval` does: check the config, decode and score a benchmark with an
-export, write `metrics.json` and `samples.jsonl` into the run directory, log to the loggers."""
+export, write `metrics.json` and `samples.jsonl` into the run directory, log to the loggers.
+
+Under `torchrun` (several processes, e.g. one per GPU) the problems are spread over the ranks
+(`evaluate_distributed`) and rank 0 writes the files, the same as one process would."""
 
 from __future__ import annotations
 
@@ -11,19 +14,20 @@ from typing import Any
 
 import torch
 import transformers
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import ConfigError
+from src.config import ConfigError, instantiate
 from src.decoding import check_export, load_decoder_from_config
 from src.evaluation.benchmarks import get
-from src.evaluation.runner import Evaluation, evaluate, metric_name
+from src.evaluation.runner import Evaluation, evaluate_distributed, metric_name
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
     """Check the config, decode and score, write the run's files; returns metrics.json's dict."""
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise ConfigError("pass ckpt=<export dir>, e.g. ckpt=artifacts/tiny")
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError(f"limit={cfg.limit} must be >= 1 (or null for all problems)")
     if cfg.batch_size < 1:
@@ -35,8 +39,13 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
     problems = benchmark.load(limit=cfg.limit)
     loggers = [instantiate(c) for c in cfg.logger.values()]
 
+    rank = join_process_group()
     decoder = load_decoder_from_config(cfg)
-    evaluation = evaluate(decoder, benchmark, problems, batch_size=cfg.batch_size, progress=True)
+    evaluation = evaluate_distributed(
+        decoder, benchmark, problems, batch_size=cfg.batch_size, progress=rank == 0
+    )
+    if evaluation is None:
+        raise RuntimeError("the evaluation failed on a rank: see the error logged above")
     metric = metric_name(benchmark)
     metrics = {
         "benchmark": benchmark.name,
@@ -51,14 +60,26 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
         "limit": cfg.limit,
         "trained": decoder.export.settings,
         "device": str(decoder.export.model.device),
-        "dtype": cfg.dtype,
+        "dtype": str(decoder.export.model.dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "git_commit": git_commit(),
+        "processes": torch.distributed.get_world_size()
+        if torch.distributed.is_initialized()
+        else 1,
     }
-    write_run_files(output_dir, metrics, evaluation)
-    log_to(loggers, cfg, metrics, evaluation)
+    if rank == 0:
+        write_run_files(output_dir, metrics, evaluation)
+        log_to(loggers, cfg, metrics, evaluation)
     return metrics
+
+
+def join_process_group() -> int:
+    """This process's rank; under `torchrun` (WORLD_SIZE > 1) it joins the process group first
+    (NCCL on GPUs, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def write_run_files(output_dir: str, metrics: dict[str, Any], evaluation: Evaluation) -> None:

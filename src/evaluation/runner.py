@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -135,6 +136,45 @@ def evaluate(
         for problem, text, response, score in zip(problems, texts, responses, scores, strict=True)
     ]
     return evaluation
+
+
+def evaluate_distributed(
+    decoder: Decoder | None,
+    benchmark: Benchmark,
+    problems: Sequence[dict],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Evaluation | None:
+    """`evaluate` with the problems spread over the ranks of the process group (rank r takes
+    problems r, r + world, ...): every rank gets the merged evaluation, samples in problem
+    order, or None when any rank failed (logged). Collective: every rank must call it, whatever
+    its share, an empty one included; `decoder` None is a rank that could not set up (it joins,
+    and the result is None). Without a process group: `evaluate`, None if it failed."""
+    distributed = torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    local: Evaluation | None = None
+    try:
+        if decoder is None:
+            raise RuntimeError("no decoder on this rank")
+        local = evaluate(
+            decoder, benchmark, problems[rank::world], batch_size=batch_size, progress=progress
+        )
+    except Exception:
+        # Whatever broke (a bad sample, a scorer, the data), the other ranks must not hang.
+        log.exception("evaluation of %s failed on rank %d", benchmark.name, rank)
+    if world == 1:
+        return local
+    parts: list[Evaluation | None] = [None] * world
+    torch.distributed.all_gather_object(parts, local)
+    if any(part is None for part in parts):
+        return None
+    merged = Evaluation.merge(parts)
+    # Back to problem order: sample i of rank r is problem r + i * world.
+    longest = max(len(part.samples) for part in parts)
+    merged.samples = [p.samples[i] for i in range(longest) for p in parts if i < len(p.samples)]
+    return merged
 
 
 def score_safely(

@@ -9,6 +9,7 @@ from src.model.tokenizer import (
     ensure_mask_token,
     load_tokenizer,
     mask_token_id_of,
+    tokenizer_fingerprint,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "model_from_config",
     "read_settings",
     "save_export",
+    "tokenizer_fingerprint",
 ]

@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from src.config import ConfigError
+
 SETTINGS_FILE = "diffusion.json"
 
 
@@ -43,16 +45,49 @@ def save_export(
         json.dump(settings, f, indent=2, sort_keys=True)
 
 
+# What decoding reads from diffusion.json; an export without them cannot be decoded.
+REQUIRED_SETTINGS = ("objective", "block_size", "mask_token_id", "stop_token_id")
+
+
 def read_settings(path: str) -> dict[str, Any]:
     """The diffusion settings of an export, with a one-line error when it is not one."""
     settings_file = os.path.join(path, SETTINGS_FILE)
     if not os.path.isfile(settings_file):
-        raise ValueError(
+        raise ConfigError(
             f"{path} is not an export of this pipeline (no {SETTINGS_FILE}): pass the export "
-            "folder a training run printed, e.g. artifacts/tiny/export"
+            "folder a training run printed, e.g. artifacts/tiny"
         )
-    with open(settings_file) as f:
-        return json.load(f)
+    try:
+        with open(settings_file) as f:
+            settings = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{settings_file} is not valid JSON ({err.msg}): re-export the model"
+        ) from None
+    missing = [
+        key for key in REQUIRED_SETTINGS if not isinstance(settings, dict) or key not in settings
+    ]
+    if missing:
+        raise ConfigError(f"{settings_file} lacks {', '.join(missing)}: re-export the model")
+    return settings
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """ "auto": the CUDA device when there is one (this process's under torchrun), else CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """ "auto": bfloat16 on CUDA, float32 on CPU; else the named dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
 
 
 def load_export(
@@ -62,14 +97,26 @@ def load_export(
     dtype: str | torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
 ) -> Export:
-    """Model (eval mode, on `device`; "auto" picks CUDA when there is one), tokenizer, settings."""
+    """Model (eval mode, loaded straight onto `device`; "auto" picks CUDA when there is one),
+    tokenizer, settings. `dtype` "auto" is bfloat16 on CUDA, float32 on CPU."""
     settings = read_settings(path)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype,
-        attn_implementation=attn_implementation,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return Export(model.to(device).eval(), tokenizer, settings)
+    device = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=resolve_dtype(dtype, device),
+            attn_implementation=attn_implementation,
+            device_map=device,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # a truncated or foreign weights file, a missing tokenizer, ...
+        raise ConfigError(
+            f"cannot load the export {path} ({describe(err)}): re-export it"
+        ) from None
+    return Export(model.eval(), tokenizer, settings)
+
+
+def describe(error: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first[:200]}".rstrip(": ")

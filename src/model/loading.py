@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from src.config import ConfigError
+from src.model.export import describe
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,12 @@ def build_model(
     """
     torch_dtype = getattr(torch, dtype)
     if pretrained is not None:
-        model = _load_pretrained(pretrained, gguf_file, attn_implementation, torch_dtype)
+        try:
+            model = _load_pretrained(pretrained, gguf_file, attn_implementation, torch_dtype)
+        except Exception as err:  # a truncated or foreign weights file, an unreachable hub, ...
+            raise ConfigError(
+                f"cannot load model.pretrained={pretrained} ({describe(err)})"
+            ) from None
     else:
         model_config = AutoConfig.for_model(**_scratch_config(config or {}, tokenizer))
         model_config._attn_implementation = attn_implementation

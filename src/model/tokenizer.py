@@ -3,11 +3,14 @@ entry; its id is always read from the tokenizer, never hard-coded)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from src.config import instantiate
 
 MASK_TOKEN = "|<MASK>|"
 
@@ -43,3 +46,18 @@ def build_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
         ensure_mask_token(tokenizer)
         return tokenizer
     return load_tokenizer(model_cfg.pretrained, gguf_file=model_cfg.get("gguf_file"))
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides the token ids: vocabulary, merges, added tokens, the
+    chat template and the stop token."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    )
+    for part in (vocab, str(tokenizer.chat_template), str(tokenizer.eos_token)):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]

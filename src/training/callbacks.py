@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -12,7 +13,7 @@ import threading
 import lightning as L
 
 from src.model import save_export
-from src.training.zero import gathered_parameters
+from src.training.zero import unpartitioned
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +25,15 @@ class HFExport(L.Callback):
         self.dirpath = dirpath
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Every rank enters: gathering ZeRO-3 shards is collective (a no-op otherwise).
-        with gathered_parameters(pl_module.model):
+        # Every rank enters: gathering ZeRO-3 shards is collective (a no-op otherwise). Rank 0
+        # writes from the plain copy, so no DeepSpeed hook runs on one rank alone, and the
+        # others wait for it rather than tear down the process group under its feet.
+        with unpartitioned(pl_module.model) as model:
             if trainer.is_global_zero:
                 settings = pl_module.export_settings()
-                save_export(pl_module.model, pl_module.tokenizer, settings, self.dirpath)
+                save_export(model, pl_module.tokenizer, settings, self.dirpath)
                 log.info("HF export written to %s", self.dirpath)
+        trainer.strategy.barrier("hf_export")
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -39,7 +43,9 @@ class PreemptionCheckpoint(L.Callback):
     be, so the loop counters saved can be one step off the weights and a resumed run diverges.
     This one only records the signal; the checkpoint is written at the end of a training batch,
     where a periodic checkpoint would be, so the requeued job (same run directory,
-    `ckpt_path=last`) resumes exactly. Outside SLURM it checkpoints and stops the fit.
+    `ckpt_path=last`) resumes exactly. Outside SLURM it checkpoints and stops the fit. Once a
+    newer periodic checkpoint exists, the preemption checkpoint is deleted: it is not kept
+    beside the retained ones (a ZeRO-3 checkpoint of a 7B model is ~100 GB).
     """
 
     FILENAME = "preempted.ckpt"
@@ -61,6 +67,8 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object
     ) -> None:
+        if trainer.is_global_zero:
+            self._drop_if_superseded()
         # Ranks may get the signal at different batches: they agree before anyone saves.
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
@@ -76,6 +84,23 @@ class PreemptionCheckpoint(L.Callback):
                 "signal %d: checkpoint %s written, requeueing job %s", self.signum, path, job_id
             )
             subprocess.run(["scontrol", "requeue", job_id], check=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._drop_if_superseded()
+
+    def _drop_if_superseded(self) -> None:
+        path, last = (
+            os.path.join(self.dirpath, self.FILENAME),
+            os.path.join(self.dirpath, "last.ckpt"),
+        )
+        if (
+            os.path.exists(path)
+            and os.path.exists(last)
+            and os.path.getmtime(last) > os.path.getmtime(path)
+        ):
+            log.info("%s superseded by %s: deleted", path, os.path.realpath(last))
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def slurm_job_id() -> str | None:

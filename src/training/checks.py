@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 from hydra.utils import get_class
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
 from src.data.sft import check_lengths
 from src.decoding import DecodeSettings
 from src.diffusion import check_diffusion
 from src.model import check_model_source
+from src.training.guards import check_writable
 
 
 def is_deepspeed(strategy: DictConfig | str | None) -> bool:
@@ -35,8 +36,50 @@ def check_strategy(trainer: DictConfig) -> None:
         )
 
 
+# Keys whose values Lightning or the data code would reject only after loading everything
+# (or with a TypeError naming no key): the type each must have, and its least value.
+NUMBERS = {
+    "seed": (int, None),
+    "trainer.max_steps": (int, -1),
+    "trainer.devices": (int, 1),
+    "trainer.num_nodes": (int, 1),
+    "trainer.accumulate_grad_batches": (int, 1),
+    "trainer.limit_val_batches": ((int, float), 0),
+    "trainer.gradient_clip_val": ((int, float, type(None)), 0),
+    "data.batch_size": (int, 1),
+    "data.seq_len": (int, 1),
+    "optim.lr": ((int, float), 0),
+    "optim.warmup_steps": (int, 0),
+}
+
+
+def check_types(cfg: DictConfig) -> None:
+    """One line naming the key of a value that is missing (`???`) or of the wrong type."""
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        keys = sorted(missing)
+        raise ConfigError(f"{', '.join(keys)} must be set: pass e.g. {keys[0]}=<value>")
+    for key, (kind, least) in NUMBERS.items():
+        value = OmegaConf.select(cfg, key)
+        if key == "trainer.devices" and value == "auto":
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        if least is not None and value is not None and value < least:
+            raise ConfigError(f"{key}={value} must be >= {least}")
+    if cfg.trainer.max_steps == 0:
+        raise ConfigError("trainer.max_steps=0 trains nothing: pass a positive number of steps")
+
+
 def check_train(cfg: DictConfig) -> None:
     """All compose-time checks of a training run."""
+    check_types(cfg)
+    check_writable(
+        {
+            key: OmegaConf.select(cfg, key)
+            for key in ("paths.output_dir", "paths.ckpt_dir", "paths.export_dir")
+        }
+    )
     check_diffusion(cfg.diffusion)
     check_lengths(cfg.data.seq_len, cfg.diffusion.block_size)
     DecodeSettings.resolve(cfg.decode, cfg.diffusion.block_size)

@@ -12,11 +12,11 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from src.decoding import check_decoder_name, make_decoder
+from src.decoding import Decoder, check_decoder_name, make_decoder
 from src.evaluation.benchmarks import Benchmark
-from src.evaluation.runner import Evaluation, evaluate, metric_name
+from src.evaluation.runner import evaluate_distributed, metric_name
 from src.model import Export
-from src.training.zero import gathered_parameters
+from src.training.zero import unpartitioned
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,10 @@ class DecodeEval(L.Callback):
     """Decode a few problems of each benchmark with the current weights during training.
 
     Runs every `every_n_steps` optimizer steps and at the end of training. Each rank decodes
-    its shard of the first `limit` problems; rank 0 gathers them and logs, per benchmark (named
-    by its key in `benchmarks`, or its own name), `decode_eval/<name>/<accuracy|pass@1>`, `tokens_per_forward`, `tokens_per_second`, and the
-    callback's own cost: `decode_eval/seconds` (this evaluation) and `decode_eval/overhead`
+    its share of the first `limit` problems (`evaluate_distributed`; under ZeRO-3 with a plain
+    copy of the gathered weights); rank 0 logs, per benchmark (named by its key in
+    `benchmarks`, or its own name), `decode_eval/<name>/<accuracy|pass@1>`,
+    `tokens_per_forward`, `tokens_per_second`, and the callback's own cost: `decode_eval/seconds` (this evaluation) and `decode_eval/overhead`
     (its total time / training time so far). A failure is logged and training goes on.
 
     `decode` is the run's decode config (`block_size` null: the trained one); `decoder` null
@@ -91,11 +92,12 @@ class DecodeEval(L.Callback):
         model.eval()
         metrics: dict[str, float] = {}
         try:
-            # Ranks decode different shards, so under ZeRO-3 their forwards cannot gather
-            # shards in step: hold full parameters on every rank instead (collective, once).
-            with torch.no_grad(), gathered_parameters(model):
+            # Ranks decode different shards, so their forwards must not depend on each other:
+            # under ZeRO-3 decode with a plain copy of the gathered weights (`unpartitioned`).
+            with torch.no_grad(), unpartitioned(model) as plain:
+                export = Export(plain, pl_module.tokenizer, pl_module.export_settings())
                 for label, benchmark in self.benchmarks.items():
-                    metrics |= self._evaluate(trainer, pl_module, label, benchmark)
+                    metrics |= self._evaluate(export, label, benchmark)
         finally:
             model.train(was_training)
         seconds = time.perf_counter() - started
@@ -110,26 +112,22 @@ class DecodeEval(L.Callback):
             log.info("decode eval at step %d: %s", trainer.global_step, metrics)
         return metrics
 
-    def _evaluate(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, benchmark: Benchmark
-    ) -> dict[str, float]:
-        """This rank's shard, gathered on every rank; metrics under `decode_eval/<name>/`
+    def _evaluate(self, export: Export, name: str, benchmark: Benchmark) -> dict[str, float]:
+        """The ranks' shards, merged on every rank; metrics under `decode_eval/<name>/`
         (`failed` = 1 when any rank failed)."""
-        local: Evaluation | None = None
+        decoder: Decoder | None = None
         try:
             if name not in self._problems:
                 self._problems[name] = benchmark.load(self.limit)
-            shard = self._problems[name][trainer.global_rank :: trainer.world_size]
-            export = Export(pl_module.model, pl_module.tokenizer, pl_module.export_settings())
             decoder = make_decoder(export, self.decode, decoder=self.decoder)
-            local = evaluate(decoder, benchmark, shard, batch_size=self.batch_size)
         except Exception:
-            # Whatever broke (a bad sample, a scorer, the data), training must go on.
-            log.exception("decode eval of %s failed on rank %d", name, trainer.global_rank)
-        parts = _gather(trainer, local)
-        if any(part is None for part in parts):
+            # Whatever broke (the data, a setting), training goes on; this rank still joins
+            # the others' gather, so none of them waits for it.
+            log.exception("decode eval of %s failed", name)
+        problems = self._problems.get(name, [])
+        merged = evaluate_distributed(decoder, benchmark, problems, batch_size=self.batch_size)
+        if merged is None:
             return {f"decode_eval/{name}/failed": 1.0}
-        merged = Evaluation.merge(parts)
         metric = metric_name(benchmark)
         result = merged.metrics(metric)
         keys = (metric, "tokens_per_forward", "tokens_per_second", "num_scored")
@@ -137,14 +135,6 @@ class DecodeEval(L.Callback):
         # Per task family (synthetic): which part of a benchmark is still being learned.
         by_task = merged.by_task()
         return logged | {f"decode_eval/{name}/{metric}/{t}": v for t, v in by_task.items()}
-
-
-def _gather(trainer: L.Trainer, local: Evaluation | None) -> list[Evaluation | None]:
-    if trainer.world_size == 1 or not torch.distributed.is_initialized():
-        return [local]
-    parts: list[Evaluation | None] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(parts, local)
-    return parts
 
 
 def _plain(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from src.diffusion import ar_loss, block_diffusion_loss
-from src.model import MASK_TOKEN, model_from_config
+from src.model import MASK_TOKEN, model_from_config, tokenizer_fingerprint
 from src.training.zero import hf_deepspeed_config
 
 
@@ -29,6 +29,8 @@ class DiffusionLM(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
+        # What the token ids mean: a resumed run must use the same tokenizer (`resume_path`).
+        self.hparams["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
         self.tokenizer = tokenizer
         self.model_cfg, self.diffusion, self.optim = dict(model), dict(diffusion), dict(optim)
         self.seed = seed

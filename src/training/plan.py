@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 BF16 = 2
 FP32 = 4
+# Bytes per parameter of one training checkpoint (all ranks' shards together): DDP saves the
+# fp32 weights and Adam's two fp32 moments; DeepSpeed the bf16 weights, fp32 master weights
+# and the moments.
+CHECKPOINT_BYTES = {"ddp": FP32 + 2 * FP32, "deepspeed": BF16 + FP32 + 2 * FP32}
 
 # Used only when the hub cannot be reached (offline machines); copied from the models'
 # config.json on the hub.
@@ -61,7 +65,7 @@ KNOWN_ARCHITECTURES = {
 
 @dataclass
 class Row:
-    """Per-GPU memory of one strategy, GiB."""
+    """Per-GPU memory of one strategy, GiB, and the size of one of its checkpoints."""
 
     strategy: str
     states: float
@@ -69,6 +73,7 @@ class Row:
     total: float
     fits: bool
     host_per_node: float
+    checkpoint: float
 
 
 @dataclass
@@ -80,6 +85,8 @@ class Plan:
     tokens_per_sample: int
     activations: float  # per GPU, GiB, strategy-independent
     rows: list[Row]
+    export: float  # the HF export, GiB (bf16 weights)
+    kept: int  # checkpoints a run keeps (callbacks.model_checkpoint.save_top_k)
 
 
 def model_config(model: DictConfig) -> tuple[PretrainedConfig, str]:
@@ -181,8 +188,20 @@ def memory_plan(cfg: DictConfig) -> Plan:
     for name, (host, states, *_) in estimates.items():
         total = (states + activations) / GIB + cfg.plan.overhead_gb
         fits = total <= cfg.plan.gpu_memory_gb
-        rows.append(Row(name, states / GIB, activations / GIB, total, fits, host / GIB))
-    return Plan(source, params, largest, devices * nodes, tokens // batch, activations / GIB, rows)
+        checkpoint = params * CHECKPOINT_BYTES["ddp" if name == "ddp" else "deepspeed"] / GIB
+        rows.append(Row(name, states / GIB, activations / GIB, total, fits, host / GIB, checkpoint))
+    kept = cfg.callbacks.model_checkpoint.save_top_k
+    return Plan(
+        source,
+        params,
+        largest,
+        devices * nodes,
+        tokens // batch,
+        activations / GIB,
+        rows,
+        export=params * BF16 / GIB,
+        kept=kept,
+    )
 
 
 def _checkpointing(cfg: DictConfig) -> bool:
@@ -201,11 +220,20 @@ def format_plan(plan: Plan, cfg: DictConfig) -> str:
         f"({plan.tokens_per_sample // seq_len}L, L = {seq_len}), gradient checkpointing "
         f"{checkpointing}, bf16 mixed precision",
         f"per-GPU memory, GiB (GPU: {cfg.plan.gpu_memory_gb}, overhead {cfg.plan.overhead_gb}):",
-        f"{'strategy':<25}{'states':>9}{'activations':>13}{'total':>9}  fits  host RAM/node",
+        f"{'strategy':<25}{'states':>9}{'activations':>13}{'total':>9}  fits  host RAM/node"
+        f"  checkpoint  run disk",
     ]
-    for row in plan.rows:
+    # A run keeps `kept` checkpoints and writes the next before it deletes the oldest; a
+    # preemption checkpoint is deleted once a newer one exists. Plus the HF export.
+    disk = [(plan.kept + 1) * row.checkpoint + plan.export for row in plan.rows]
+    for row, run_disk in zip(plan.rows, disk, strict=True):
         lines.append(
             f"{row.strategy:<25}{row.states:>9.2f}{row.activations:>13.2f}{row.total:>9.2f}"
-            f"  {'yes' if row.fits else 'NO ':<4}  {row.host_per_node:>8.1f}"
+            f"  {'yes' if row.fits else 'NO ':<4}  {row.host_per_node:>12.1f}"
+            f"  {row.checkpoint:>10.1f}  {run_disk:>8.1f}"
         )
+    lines.append(
+        f"disk (GiB): one checkpoint as above, {plan.kept} kept "
+        f"(callbacks.model_checkpoint.save_top_k) + 1 being written + the export ({plan.export:.1f})"
+    )
     return "\n".join(lines)

@@ -17,10 +17,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from src.config import ConfigError
+from src.config import ConfigError, instantiate
 from src.diffusion import ar_loss, block_diffusion_loss
 from src.model import build_tokenizer, mask_token_id_of, model_from_config
 from src.training.checks import check_train

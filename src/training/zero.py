@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 
+from src.config import instantiate
 from src.model import save_export
 from src.training.checks import is_deepspeed
 
@@ -89,6 +89,42 @@ def gathered_parameters(model: torch.nn.Module) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         yield
+
+
+@contextlib.contextmanager
+def unpartitioned(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    """The model with full weights and no DeepSpeed hooks inside the block: the model itself
+    when it is not partitioned; under ZeRO-3, a plain copy of its architecture whose tensors
+    are the gathered parameters (no copy of the weights).
+
+    Collective: every rank must enter. Forwards through the copy involve no other rank, so
+    ranks may make different numbers of them. Through the partitioned model itself they may
+    not: its first forward reaches the parameter coordinator's `reset_step`, which checks with
+    a broadcast that every rank traced the same modules, and a rank that makes no forward
+    leaves the others waiting there forever (also with DeepSpeed's hooks removed).
+    """
+    if not is_partitioned(model):
+        yield model
+        return
+    with gathered_parameters(model):
+        with torch.device("meta"):
+            plain = type(model)(copy.deepcopy(model.config))
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors |= dict(model.named_buffers(remove_duplicate=False))
+        for name, tensor in tensors.items():
+            module_name, _, attr = name.rpartition(".")
+            module = plain.get_submodule(module_name)
+            if attr in module._parameters:
+                module._parameters[attr] = torch.nn.Parameter(tensor.data, requires_grad=False)
+            else:
+                module._buffers[attr] = tensor
+        left = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"no gathered tensor for {left[:3]} of the plain model copy")
+        try:
+            yield plain.eval()
+        finally:
+            del plain, tensors  # the gathered tensors must be free when the block exits
 
 
 def zero_checkpoint_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[str, Any]:

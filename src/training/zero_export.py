@@ -40,7 +40,8 @@ def export_lightning_zero_checkpoint(
     """HF export of a Lightning DeepSpeed checkpoint of `DiffusionLM`, rebuilt from the run's
     saved hyperparameters (the model's pretrained source must still be reachable)."""
     client = _checkpoint_client_state(checkpoint_dir, tag)
-    hparams = client["hyper_parameters"]
+    hparams = dict(client["hyper_parameters"])
+    hparams.pop("tokenizer_fingerprint", None)  # recorded by DiffusionLM, not an argument
     tokenizer = build_tokenizer(OmegaConf.create(hparams["model"]))
     module = DiffusionLM(tokenizer, **hparams)
     module.configure_model()
