@@ -33,11 +33,11 @@ demo: venv
 
 # experiments/tiny_repro: the paper's Tables 1-3 and Fig. 4 in miniature (~35 min per seed).
 tiny-repro: venv
-	$(PY) experiments/tiny_repro/run.py
+	$(PY) -m experiments.tiny_repro.run
 
 # experiments/smollm2: self-distillation of SmolLM2-135M-Instruct, converted and measured on CPU.
 smollm2-study: venv
-	$(PY) experiments/smollm2/run.py
+	$(PY) -m experiments.smollm2.run
 
 test: venv
 	$(PY) -m pytest -q

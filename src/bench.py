@@ -22,7 +22,7 @@ import json
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
 from src.data.prepare_bench import bench_prepare, extrapolate, print_prepare_table
@@ -44,6 +44,12 @@ def train(cfg: DictConfig) -> None:
     except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
     print_train_table(rows)
+    if cfg.bench.out:
+        with open(cfg.bench.out, "w") as f:
+            json.dump(
+                {"diffusion": OmegaConf.to_container(cfg.diffusion), "rows": rows}, f, indent=2
+            )
+        print(f"wrote {cfg.bench.out}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench_decode")

@@ -16,6 +16,7 @@ from src.data.sft import check_lengths
 from src.decoding import DecodeSettings
 from src.diffusion import check_diffusion
 from src.model import check_model_source
+from tests.fixtures.exports import make_export
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -141,3 +142,49 @@ def test_bad_config_fails_before_any_model_is_loaded(tmp_path):
     result = run_train(f"paths.artifacts_dir={tmp_path}")  # tiny needs tiny_ar's export
     assert result.returncode != 0
     assert "python -m src.train experiment=tiny_ar" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["diffusion.masking_tilt=1.5"], r"diffusion.masking_tilt=1.5 must be in \[0, 1\]"),
+        (["diffusion.masking=cosine"], "diffusion.masking='cosine'"),
+        (["diffusion.masking_second_view=mirror"], "diffusion.masking_second_view='mirror'"),
+        (["diffusion.distill_weight=-1"], "diffusion.distill_weight=-1 must be >= 0"),
+        (["diffusion.distill_temperature=0"], "diffusion.distill_temperature=0 must be > 0"),
+        (
+            ["diffusion=ar", "diffusion.distill_weight=0.5"],
+            "set diffusion.objective=block_diffusion",
+        ),
+    ],
+)
+def test_bad_recipe_options_are_one_line_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        check_diffusion(compose_train(*overrides).diffusion)
+    assert "\n" not in str(err.value)
+
+
+def test_distillation_needs_a_teacher_of_the_same_tokenizer(artifacts, tmp_path):
+    from src.training.checks import check_distillation
+
+    from_scratch = compose_train(
+        "experiment=tiny_ar", "diffusion=block_diffusion", "diffusion.distill_weight=1"
+    )
+    with pytest.raises(ConfigError, match="needs an AR teacher"):
+        check_distillation(from_scratch)
+    zero3 = compose_train(
+        f"paths.artifacts_dir={artifacts}", "diffusion.distill_weight=1", "strategy=deepspeed_zero3"
+    )
+    with pytest.raises(ConfigError, match="not supported yet.*deepspeed_zero2"):
+        check_distillation(zero3)
+    other = make_export(tmp_path / "other", vocab_size=320)
+    foreign = compose_train(
+        f"paths.artifacts_dir={artifacts}",
+        "diffusion.distill_weight=1",
+        f"diffusion.distill_teacher={other}",
+    )
+    with pytest.raises(ConfigError, match="another tokenizer than the student"):
+        check_distillation(foreign)
+    check_distillation(
+        compose_train(f"paths.artifacts_dir={artifacts}", "diffusion.distill_weight=1")
+    )

@@ -206,3 +206,132 @@ def test_flex_attention_equals_sdpa():
     a = block_diffusion_logits(sdpa, noisy, ids, 8)
     b = block_diffusion_logits(flex, noisy, ids, 8)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def reference_masks(labels, block_size, seed, *, tilt, second_view, eps=1e-3):
+    """SPEC 5.1 written out position by position, from the same random draws."""
+    g = torch.Generator().manual_seed(seed)
+    b, l = labels.shape
+    t = torch.rand(b, -(-l // block_size), generator=g)
+    u = torch.rand(b, l, generator=g)
+    fresh = torch.rand(b, l, generator=g) if second_view == "resample" else None
+    first = torch.zeros(b, l, dtype=torch.bool)
+    second = torch.zeros(b, l, dtype=torch.bool)
+    for row in range(b):
+        for i in range(l):
+            if labels[row, i] == IGNORE_INDEX:
+                continue
+            j = i % block_size
+            p = (1 - eps) * t[row, i // block_size].item() + eps
+            p_j = min(1.0, max(0.0, p * (1 + tilt * (2 * (j + 0.5) / block_size - 1))))
+            first[row, i] = u[row, i].item() < p_j
+            second[row, i] = fresh[row, i].item() < p_j if fresh is not None else not first[row, i]
+    return torch.stack([first, second], dim=1)
+
+
+@pytest.mark.parametrize("tilt", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("second_view", ["complement", "resample"])
+def test_position_dependent_masking_is_the_spec_rule(tilt, second_view):
+    ids, labels = sft_batch(b=3, l=40)
+    masked = sample_masked_positions(
+        labels,
+        8,
+        masking="position_dependent",
+        masking_tilt=tilt,
+        second_view=second_view,
+        generator=torch.Generator().manual_seed(7),
+    )
+    assert torch.equal(masked, reference_masks(labels, 8, 7, tilt=tilt, second_view=second_view))
+    if second_view == "complement":  # every supervised token masked exactly once
+        assert torch.equal(masked.sum(1), (labels != IGNORE_INDEX).long())
+
+
+def test_a_tilt_masks_later_block_positions_more():
+    labels = torch.zeros(4000, 16, dtype=torch.long)
+    g = torch.Generator().manual_seed(8)
+    masked = sample_masked_positions(
+        labels, 16, masking="position_dependent", masking_tilt=1.0, generator=g
+    )
+    rate = masked.float().mean(0)  # [2, 16]
+    assert (rate[0].diff() > 0).float().mean() > 0.8  # rises along the block
+    assert rate[0, -1] > 2 * rate[0, 0] and abs(rate[0].mean().item() - 0.5) < 0.05
+    assert rate[1, 0] > rate[1, -1]  # the complement tilts the other way
+    uniform = sample_masked_positions(labels, 16, generator=torch.Generator().manual_seed(8))
+    untilted = sample_masked_positions(
+        labels, 16, masking="position_dependent", generator=torch.Generator().manual_seed(8)
+    )
+    assert torch.equal(uniform, untilted)  # g = 0 is the paper
+
+
+def manual_recipe_loss(model, teacher, ids, labels, masked, *, weight, tau, token_shift):
+    """CE + lambda tau^2 KL, written out from SPEC sections 2 and 5.2 position by position
+    through separate [x_t; x_0] sequences and the teacher's causal forward on x_0."""
+    keep = [v for v in range(VOCAB) if v != MASK_ID]
+    teacher_logits = teacher(input_ids=ids).logits  # causal
+    ce = kl = 0.0
+    for view in range(masked.shape[1]):
+        noisy = torch.where(masked[:, view], MASK_ID, ids)
+        logits = block_diffusion_logits(model, noisy, ids, 8, shared_clean_stream=False)
+        for b, i in zip(*torch.nonzero(masked[:, view], as_tuple=True), strict=True):
+            if i == 0:
+                continue
+            scorer = logits[b, i - 1] if token_shift else logits[b, i]
+            ce = ce + F.cross_entropy(scorer, ids[b, i], reduction="sum")
+            p_t = (teacher_logits[b, i - 1, keep] / tau).softmax(-1)
+            log_q = (scorer[keep] / tau).log_softmax(-1)
+            kl = kl + (p_t * (p_t.log() - log_q)).sum()
+    return (ce + weight * tau**2 * kl) / (labels != IGNORE_INDEX).sum()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("token_shift", [True, False])
+def test_distillation_loss_is_the_spec_formula(arch, shared, token_shift):
+    model, teacher = tiny_model(arch, VOCAB, seed=0), tiny_model(arch, VOCAB, seed=1)
+    ids, labels = sft_batch()
+    options = dict(masking="position_dependent", masking_tilt=0.5, distill_temperature=2.0)
+    loss = block_diffusion_loss(
+        model,
+        ids,
+        labels,
+        mask_token_id=MASK_ID,
+        block_size=8,
+        token_shift=token_shift,
+        shared_clean_stream=shared,
+        teacher=teacher,
+        distill_weight=0.7,
+        generator=torch.Generator().manual_seed(9),
+        **options,
+    )
+    masked = sample_masked_positions(
+        labels, 8, masking="position_dependent", masking_tilt=0.5,
+        generator=torch.Generator().manual_seed(9),
+    )  # fmt: skip
+    manual = manual_recipe_loss(
+        model, teacher, ids, labels, masked, weight=0.7, tau=2.0, token_shift=token_shift
+    )
+    assert loss.item() == pytest.approx(manual.item(), abs=1e-4)
+    plain = block_diffusion_loss(
+        model, ids, labels, mask_token_id=MASK_ID, block_size=8, token_shift=token_shift,
+        generator=torch.Generator().manual_seed(9), masking="position_dependent", masking_tilt=0.5,
+    )  # fmt: skip
+    assert loss.item() > plain.item()  # the KL term is there (and positive)
+
+
+@pytest.mark.slow
+@torch.no_grad()  # FlexAttention has no backward on CPU
+def test_recipe_options_with_flex_attention():
+    sdpa = tiny_model("qwen2", VOCAB, "sdpa")
+    flex = tiny_model("qwen2", VOCAB, "flex_attention")
+    teacher = tiny_model("qwen2", VOCAB, seed=1)
+    ids, labels = sft_batch()
+    options = dict(
+        mask_token_id=MASK_ID, block_size=8, masking="position_dependent", masking_tilt=1.0,
+        masking_second_view="resample", teacher=teacher, distill_weight=0.5,
+    )  # fmt: skip
+    losses = [
+        block_diffusion_loss(
+            model, ids, labels, generator=torch.Generator().manual_seed(10), **options
+        )
+        for model in (sdpa, flex)
+    ]
+    assert losses[0].item() == pytest.approx(losses[1].item(), abs=1e-4)

@@ -1,8 +1,8 @@
 """Study 2: does block-diffusion conversion preserve a real pretrained AR model?
 
     make smollm2-study                                  # distil, fine-tune, measure (CPU)
-    .venv/bin/python experiments/smollm2/run.py --prompts 16
-    .venv/bin/python experiments/smollm2/run.py --summarise   # results.md from metrics/
+    .venv/bin/python -m experiments.smollm2.run --prompts 16
+    .venv/bin/python -m experiments.smollm2.run --summarise   # results.md from metrics/
 
 Self-distillation on SmolLM2-135M-Instruct (`experiment=smollm2`):
 1. prompts: everyday instructions from templates x topics (`PROMPT_TEMPLATES`), split into
@@ -28,9 +28,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from experiments.study import python
 from src.config import compose
 from src.data.jsonl import read_jsonl, write_jsonl
 from src.data.sft import build_sft_dataset
@@ -75,13 +73,6 @@ DISTIL_BATCH = 16
 # Threshold 1.0 (one token per forward) is left out: it costs ~3x the CPU time of 0.9.
 THRESHOLDS = (0.9, 0.7)
 SIDE_BY_SIDE = 4
-
-
-def python(*args: str) -> None:
-    """Run `python -m ...` of this checkout's interpreter; stop the study if it fails."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
-    print("+ python", " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True)
 
 
 def prompt_split() -> dict[str, list[str]]:

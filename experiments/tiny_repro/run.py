@@ -1,8 +1,8 @@
 """Study 1: the paper's Tables 1-3 and Fig. 4 in miniature, on the built-in synthetic corpus.
 
     make tiny-repro                                   # 3 seeds, about 35 min per seed on 2 cores
-    .venv/bin/python experiments/tiny_repro/run.py --seeds 0 1 2
-    .venv/bin/python experiments/tiny_repro/run.py --summarise   # tables + plot from metrics/
+    .venv/bin/python -m experiments.tiny_repro.run --seeds 0 1 2
+    .venv/bin/python -m experiments.tiny_repro.run --summarise   # tables + plot from metrics/
 
 Every fine-tune starts from the same AR-init (`artifacts/tiny_ar`, made by
 `python -m src.train experiment=tiny_ar` when missing) and runs in a subprocess,
@@ -30,20 +30,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import shutil
 import statistics
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from experiments.study import NOT_RUN, Study, ar_init, mean, mean_spread, python
 from src.data.synthetic import TASKS
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-RUNS, METRICS = HERE / "runs", HERE / "metrics"
-AR_INIT = ROOT / "artifacts" / "tiny_ar"
 
 # The study's runs: `experiment=tiny_repro/<name>` (conf/experiment/tiny_repro/), and what each is.
 FINE_TUNES = {
@@ -70,12 +64,14 @@ LONG_SUB_BLOCKS = (8, 32)  # the default and Table 3's most parallel setting
 GAP_LRS = ("4e-3", "3e-3", "5e-4", "2e-4")
 # A fine-tune named here starts from that run's export instead of the default AR-init.
 STARTS_FROM = {"bd_wide": "ar_wide"}
+STUDY = Study(HERE, "tiny_repro", STARTS_FROM)
+METRICS = STUDY.metrics
+fine_tune, evaluate, load = STUDY.fine_tune, STUDY.evaluate, STUDY.load
 # The fine-tunes that `probe_arithmetic.py` probes.
 PROBED = ("bd", f"bd_{LONG_STEPS[0]}", *(f"bd_lr{lr}" for lr in GAP_LRS), "bd_wide")
 THRESHOLDS = (1.0, 0.95, 0.9, 0.8, 0.7, 0.5)
 SUB_BLOCKS = (2, 4, 8, 16, 32)
 TABLE_THRESHOLDS = (1.0, 0.9)  # the two that Tables 1 and 2 report
-NOT_RUN = "not run yet"
 PER_TASK_ROWS = (
     ("AR-init, AR", "ar_init/ar.json"),
     ("AR fine-tune, AR", "ar_ft/seed*.json"),
@@ -85,47 +81,10 @@ PER_TASK_ROWS = (
 )
 
 
-def python(*args: str) -> None:
-    """Run `python -m ...` of this checkout's interpreter; stop the study if it fails."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
-    print("+ python", " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True)
-
-
-def ar_init() -> Path:
-    """The AR-init every fine-tune starts from, trained on first use."""
-    if not (AR_INIT / "diffusion.json").exists():
-        python("-m", "src.train", "experiment=tiny_ar")
-    return AR_INIT
-
-
-def fine_tune(name: str, seed: int) -> Path:
-    export = RUNS / name / f"seed{seed}" / "export"
-    if not (export / "diffusion.json").exists():
-        overrides = [f"experiment=tiny_repro/{name}"]
-        if name in STARTS_FROM:
-            overrides.append(f"model.pretrained={fine_tune(STARTS_FROM[name], seed)}")
-        else:
-            ar_init()
-        # A half-finished run resumes from its run dir's last checkpoint.
-        python("-m", "src.train", *overrides, f"seed={seed}", f"hydra.run.dir={export.parent}",
-               f"paths.export_dir={export}")  # fmt: skip
-    return export
-
-
 def missing(out: Path) -> bool:
     """Fine-tunes are only (re)made for measurements not yet in metrics/: a fresh checkout
     with the committed JSON files reruns nothing."""
     return not out.exists()
-
-
-def evaluate(export: Path, out: Path, *overrides: str) -> None:
-    """`src.eval` on the whole test split; its metrics.json is kept as `out`."""
-    run_dir = RUNS / "eval" / out.relative_to(METRICS).with_suffix("")
-    python("-m", "src.eval", f"ckpt={export}", "benchmark=synthetic", *overrides,
-           f"hydra.run.dir={run_dir}")  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(run_dir / "metrics.json", out)
 
 
 def bench(
@@ -220,23 +179,6 @@ def run(seeds: Sequence[int]) -> None:
         out = METRICS / "arith_gap" / f"probe_{name}_seed{seed}.json"
         if missing(out):
             python(str(HERE / "probe_arithmetic.py"), str(fine_tune(name, seed)), f"--out={out}")
-
-
-def mean_spread(values: Sequence[float]) -> str:
-    """`mean ± sample std (n)`; a single value has no spread; none: not run."""
-    if not values:
-        return NOT_RUN
-    if len(values) == 1:
-        return f"{values[0]:.3f} (n=1)"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
-
-
-def mean(values: Sequence[float], digits: int) -> str:
-    return f"{statistics.mean(values):.{digits}f}" if values else NOT_RUN
-
-
-def load(pattern: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(METRICS.glob(pattern))]
 
 
 def summarise() -> str:

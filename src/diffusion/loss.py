@@ -24,24 +24,38 @@ def sample_masked_positions(
     *,
     eps: float = 1e-3,
     complementary: bool = True,
+    masking: str = "uniform",
+    masking_tilt: float = 0.0,
+    second_view: str = "complement",
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Which supervised tokens are noised: bool `[b, v, l]`, v = 2 with `complementary`.
 
     Per block, t ~ U(0, 1) and p = (1 - eps) t + eps; each supervised token of the block is
-    masked independently with probability p. The complementary view masks exactly the
-    supervised tokens the first one keeps, so every supervised token is masked once.
+    masked independently with probability p (SPEC section 2), or with `position_dependent`
+    masking at position j of the block with p_j = clip(p (1 + g (2 (j + 0.5) / B - 1)), 0, 1),
+    g = `masking_tilt` (SPEC 5.1: later positions more, as decoding leaves them masked
+    longer). The second view (`complementary`) is the exact complement on supervised tokens
+    (`second_view="complement"`: every supervised token masked once; under a tilt it tilts
+    the other way), or a fresh draw with the same p_j (`"resample"`: tilted the same way).
     """
     b, l = labels.shape
     supervised = labels != IGNORE_INDEX  # [b, l]
     num_blocks = -(-l // block_size)
     t = torch.rand(b, num_blocks, generator=generator, device=labels.device)
     p = ((1 - eps) * t + eps).repeat_interleave(block_size, dim=1)[:, :l]  # [b, l]
+    if masking == "position_dependent":
+        j = torch.arange(l, device=labels.device) % block_size
+        p = (p * (1 + masking_tilt * (2 * (j + 0.5) / block_size - 1))).clamp(0, 1)
     u = torch.rand(b, l, generator=generator, device=labels.device)
     first = supervised & (u < p)
     if not complementary:
         return first[:, None]
-    return torch.stack([first, supervised & ~first], dim=1)  # [b, 2, l]
+    if second_view == "resample":
+        second = supervised & (torch.rand(b, l, generator=generator, device=labels.device) < p)
+    else:
+        second = supervised & ~first
+    return torch.stack([first, second], dim=1)  # [b, 2, l]
 
 
 def block_diffusion_logits(
@@ -112,6 +126,36 @@ def shifted_cross_entropy(
     return ce / normaliser.clamp(min=1)
 
 
+def distillation_kl(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    masked: Tensor,
+    normaliser: Tensor,
+    *,
+    mask_token_id: int,
+    temperature: float,
+    token_shift: bool,
+) -> Tensor:
+    """tau^2 KL(softmax(z_T / tau) || softmax(z_S / tau)) summed over the masked supervised
+    positions, over `normaliser` (SPEC 5.2).
+
+    The teacher is causal on the clean sequence: its logit at i-1 is its next-token
+    distribution for token i. The student's logit that scores token i is at i-1 (token
+    shift) or at i. The mask token's column is left out of both softmaxes, and so are the
+    columns only one of the two vocabularies has. `logits` `[b, v, l, V]`, `teacher_logits`
+    `[b, l, V_T]`, `masked` `[b, v, l]`.
+    """
+    student = logits[..., :-1, :] if token_shift else logits[..., 1:, :]  # [b, v, l-1, V]
+    teacher = teacher_logits[:, None, :-1, :].expand(-1, student.shape[1], -1, -1)
+    selected = masked[..., 1:]  # position 0 is never scored by the teacher (nor supervised)
+    vocab = min(student.shape[-1], teacher.shape[-1])
+    keep = torch.arange(vocab, device=logits.device) != mask_token_id
+    s = student[selected][:, :vocab][:, keep].float() / temperature  # [n, V']
+    t = teacher[selected][:, :vocab][:, keep].float() / temperature
+    kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")
+    return temperature**2 * kl / normaliser.clamp(min=1)
+
+
 def block_diffusion_loss(
     model: torch.nn.Module,
     input_ids: Tensor,
@@ -123,14 +167,30 @@ def block_diffusion_loss(
     complementary: bool = True,
     token_shift: bool = True,
     shared_clean_stream: bool = True,
+    masking: str = "uniform",
+    masking_tilt: float = 0.0,
+    masking_second_view: str = "complement",
+    teacher: torch.nn.Module | None = None,
+    distill_weight: float = 0.0,
+    distill_temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Cross-entropy on the masked supervised tokens, over the number of supervised tokens.
 
-    No 1/t weighting and no extra AR term (SPEC section 2).
+    No 1/t weighting and no extra AR term (SPEC section 2). The options of SPEC section 5:
+    `masking`/`masking_tilt`/`masking_second_view` (`sample_masked_positions`), and with
+    `distill_weight` > 0 the distillation term from the frozen AR `teacher`
+    (`distillation_kl`), averaged over the same positions as the cross-entropy.
     """
     masked = sample_masked_positions(
-        labels, block_size, eps=eps, complementary=complementary, generator=generator
+        labels,
+        block_size,
+        eps=eps,
+        complementary=complementary,
+        masking=masking,
+        masking_tilt=masking_tilt,
+        second_view=masking_second_view,
+        generator=generator,
     )  # [b, v, l]
     clean = input_ids[:, None].expand_as(masked)  # [b, v, l]
     noisy = torch.where(masked, mask_token_id, clean)
@@ -138,7 +198,22 @@ def block_diffusion_loss(
         model, noisy, input_ids, block_size, shared_clean_stream=shared_clean_stream
     )  # [b, v, l, V]
     num_supervised = (labels != IGNORE_INDEX).sum()
-    return shifted_cross_entropy(logits, clean, masked, num_supervised, token_shift=token_shift)
+    loss = shifted_cross_entropy(logits, clean, masked, num_supervised, token_shift=token_shift)
+    if distill_weight > 0:
+        if teacher is None:
+            raise ValueError("distill_weight > 0 needs the AR teacher")
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits  # [b, l, V_T]
+        loss = loss + distill_weight * distillation_kl(
+            logits,
+            teacher_logits,
+            masked,
+            num_supervised,
+            mask_token_id=mask_token_id,
+            temperature=distill_temperature,
+            token_shift=token_shift,
+        )
+    return loss
 
 
 def ar_loss(model: torch.nn.Module, input_ids: Tensor, labels: Tensor) -> Tensor:

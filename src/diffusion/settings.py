@@ -8,6 +8,8 @@ from typing import Any
 from src.config import ConfigError
 
 OBJECTIVES = ("block_diffusion", "ar")
+MASKINGS = ("uniform", "position_dependent")
+SECOND_VIEWS = ("complement", "resample")
 
 
 def check_diffusion(diffusion: Mapping[str, Any]) -> None:
@@ -16,4 +18,27 @@ def check_diffusion(diffusion: Mapping[str, Any]) -> None:
     if diffusion["objective"] not in OBJECTIVES:
         raise ConfigError(
             f"diffusion.objective={diffusion['objective']!r}: choose block_diffusion or ar"
+        )
+    # The options of SPEC section 5 (absent from configs older than them: the paper's recipe).
+    masking = diffusion.get("masking", "uniform")
+    if masking not in MASKINGS:
+        raise ConfigError(f"diffusion.masking={masking!r}: choose {' or '.join(MASKINGS)}")
+    tilt = diffusion.get("masking_tilt", 0.0)
+    if not 0.0 <= tilt <= 1.0:
+        raise ConfigError(f"diffusion.masking_tilt={tilt} must be in [0, 1] (0: the paper's)")
+    second = diffusion.get("masking_second_view", "complement")
+    if second not in SECOND_VIEWS:
+        raise ConfigError(
+            f"diffusion.masking_second_view={second!r}: choose {' or '.join(SECOND_VIEWS)}"
+        )
+    weight = diffusion.get("distill_weight", 0.0)
+    if weight < 0:
+        raise ConfigError(f"diffusion.distill_weight={weight} must be >= 0 (0: no distillation)")
+    temperature = diffusion.get("distill_temperature", 1.0)
+    if not temperature > 0:
+        raise ConfigError(f"diffusion.distill_temperature={temperature} must be > 0")
+    if weight > 0 and diffusion["objective"] == "ar":
+        raise ConfigError(
+            "diffusion.distill_weight > 0 distils into a block-diffusion model: "
+            "set diffusion.objective=block_diffusion, or distill_weight=0"
         )

@@ -12,7 +12,7 @@ from src.config import ConfigError
 from src.data.sft import check_lengths
 from src.decoding import DecodeSettings
 from src.diffusion import check_diffusion
-from src.model import check_model_source
+from src.model import build_tokenizer, check_model_source, tokenizer_fingerprint
 from src.training.guards import check_writable
 
 
@@ -71,6 +71,45 @@ def check_types(cfg: DictConfig) -> None:
         raise ConfigError("trainer.max_steps=0 trains nothing: pass a positive number of steps")
 
 
+def check_distillation(cfg: DictConfig) -> None:
+    """Distillation (SPEC 5.2) needs an AR teacher that speaks the student's tokenizer, and
+    (for now) a strategy that does not partition parameters: under ZeRO-3 the teacher would
+    have to be partitioned like the student."""
+    diffusion = cfg.diffusion
+    if diffusion.get("distill_weight", 0.0) <= 0:
+        return
+    teacher = diffusion.get("distill_teacher") or cfg.model.get("pretrained")
+    if teacher is None:
+        raise ConfigError(
+            "diffusion.distill_weight > 0 needs an AR teacher: model.pretrained (the AR-init) "
+            "or diffusion.distill_teacher"
+        )
+    strategy = cfg.trainer.strategy
+    stage = (
+        OmegaConf.select(strategy, "config.zero_optimization.stage")
+        if is_deepspeed(strategy)
+        else 0
+    )
+    if stage == 3:
+        raise ConfigError(
+            "distillation under ZeRO-3 is not supported yet (its teacher is not partitioned): "
+            "use strategy=deepspeed_zero2, or diffusion.distill_weight=0"
+        )
+    if diffusion.get("distill_teacher"):
+        check_model_source(OmegaConf.create({"pretrained": teacher}))
+        teacher_model = {
+            **OmegaConf.to_container(cfg.model),
+            "pretrained": teacher,
+            "tokenizer": None,
+        }
+        student = tokenizer_fingerprint(build_tokenizer(cfg.model))
+        if tokenizer_fingerprint(build_tokenizer(OmegaConf.create(teacher_model))) != student:
+            raise ConfigError(
+                f"diffusion.distill_teacher={teacher} has another tokenizer than the student: "
+                "distil from a model of the same tokenizer"
+            )
+
+
 def check_train(cfg: DictConfig) -> None:
     """All compose-time checks of a training run."""
     check_types(cfg)
@@ -85,3 +124,4 @@ def check_train(cfg: DictConfig) -> None:
     DecodeSettings.resolve(cfg.decode, cfg.diffusion.block_size)
     check_model_source(cfg.model)
     check_strategy(cfg.trainer)
+    check_distillation(cfg)

@@ -17,6 +17,15 @@ from src.diffusion import ar_loss, block_diffusion_loss
 from src.model import MASK_TOKEN, model_from_config, tokenizer_fingerprint
 from src.training.zero import hf_deepspeed_config
 
+# The `diffusion` keys of SPEC section 5 that the loss takes as they are.
+RECIPE_OPTIONS = (
+    "masking",
+    "masking_tilt",
+    "masking_second_view",
+    "distill_weight",
+    "distill_temperature",
+)
+
 
 class DiffusionLM(L.LightningModule):
     def __init__(
@@ -36,6 +45,9 @@ class DiffusionLM(L.LightningModule):
         self.seed = seed
         self.mask_token_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
         self.model: torch.nn.Module | None = None
+        # The frozen AR teacher of distillation (SPEC 5.2), kept out of the module's children:
+        # no optimizer state, not in checkpoints; moved to the device in `on_fit_start`.
+        self._teacher: list[torch.nn.Module] = []
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -46,6 +58,22 @@ class DiffusionLM(L.LightningModule):
         self._hf_deepspeed_config = hf_deepspeed_config(strategy)
         # from_pretrained returns eval mode; Lightning keeps whatever mode it finds.
         self.model = model_from_config(self.tokenizer, self.model_cfg).train()
+        if self.diffusion.get("distill_weight", 0.0) > 0:
+            self._teacher = [self._build_teacher()]
+
+    def _build_teacher(self) -> torch.nn.Module:
+        """The AR-init the run starts from (or `diffusion.distill_teacher`), frozen, loaded
+        once (`check_distillation` checked it exists and speaks the student's tokenizer)."""
+        source = self.diffusion.get("distill_teacher") or self.model_cfg["pretrained"]
+        config = {**self.model_cfg, "pretrained": source, "gradient_checkpointing": False}
+        return model_from_config(self.tokenizer, config).eval().requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        # The training dtype: 16-bit under bf16/fp16 mixed precision, the model's otherwise.
+        precision = str(self.trainer.precision)
+        dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+        for teacher in self._teacher:
+            teacher.to(device=self.device, dtype=dtype or next(self.model.parameters()).dtype)
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         if self.diffusion["objective"] == "ar":
@@ -60,7 +88,9 @@ class DiffusionLM(L.LightningModule):
             complementary=self.diffusion["complementary"],
             token_shift=self.diffusion["token_shift"],
             shared_clean_stream=self.diffusion["shared_clean_stream"],
+            teacher=self._teacher[0] if self._teacher else None,
             generator=generator,
+            **{key: self.diffusion[key] for key in RECIPE_OPTIONS if key in self.diffusion},
         )
 
     def _generator(self, *keys: int) -> torch.Generator:

@@ -87,6 +87,7 @@ class Plan:
     rows: list[Row]
     export: float  # the HF export, GiB (bf16 weights)
     kept: int  # checkpoints a run keeps (callbacks.model_checkpoint.save_top_k)
+    teacher: float  # per GPU, GiB: distillation's frozen AR teacher (SPEC 5.2), 0 without
 
 
 def model_config(model: DictConfig) -> tuple[PretrainedConfig, str]:
@@ -169,6 +170,11 @@ def memory_plan(cfg: DictConfig) -> Plan:
         activation_bytes(config, tokens, batch * logit_streams * seq_len, _checkpointing(cfg))
         + mask
     )
+    # Distillation's teacher: bf16 weights on every GPU (not partitioned, see check_distillation)
+    # and its no-grad logits over the batch; its layer activations are freed as it goes.
+    teacher = 0
+    if cfg.diffusion.get("distill_weight", 0.0) > 0:
+        teacher = params * BF16 + batch * seq_len * config.vocab_size * (BF16 + FP32)
     buffer = cfg.plan.cpu_buffer_factor
     estimates = {
         # bf16-mixed DDP: fp32 weights, gradients and Adam moments on every GPU, 16 B/param;
@@ -186,7 +192,7 @@ def memory_plan(cfg: DictConfig) -> Plan:
     }
     rows = []
     for name, (host, states, *_) in estimates.items():
-        total = (states + activations) / GIB + cfg.plan.overhead_gb
+        total = (states + activations + teacher) / GIB + cfg.plan.overhead_gb
         fits = total <= cfg.plan.gpu_memory_gb
         checkpoint = params * CHECKPOINT_BYTES["ddp" if name == "ddp" else "deepspeed"] / GIB
         rows.append(Row(name, states / GIB, activations / GIB, total, fits, host / GIB, checkpoint))
@@ -201,6 +207,7 @@ def memory_plan(cfg: DictConfig) -> Plan:
         rows,
         export=params * BF16 / GIB,
         kept=kept,
+        teacher=teacher / GIB,
     )
 
 
@@ -231,6 +238,10 @@ def format_plan(plan: Plan, cfg: DictConfig) -> str:
             f"{row.strategy:<25}{row.states:>9.2f}{row.activations:>13.2f}{row.total:>9.2f}"
             f"  {'yes' if row.fits else 'NO ':<4}  {row.host_per_node:>12.1f}"
             f"  {row.checkpoint:>10.1f}  {run_disk:>8.1f}"
+        )
+    if plan.teacher:
+        lines.append(
+            f"distillation teacher (bf16 weights + logits), in each total: {plan.teacher:.2f}"
         )
     lines.append(
         f"disk (GiB): one checkpoint as above, {plan.kept} kept "

@@ -1,0 +1,82 @@
+"""What the study scripts share (`python -m experiments.<study>.run`): the pipeline's commands
+run in subprocesses, fine-tunes into `runs/<name>/seed<k>/` (git-ignored), measurements kept
+as JSON under `metrics/` (committed) and skipped when present, and the cells of their tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+AR_INIT = ROOT / "artifacts" / "tiny_ar"
+NOT_RUN = "not run yet"
+
+
+def python(*args: str) -> None:
+    """Run `python -m ...` of this checkout's interpreter; stop the study if it fails."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
+    print("+ python", " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True)
+
+
+def ar_init() -> Path:
+    """The AR-init every tiny fine-tune starts from, trained on first use."""
+    if not (AR_INIT / "diffusion.json").exists():
+        python("-m", "src.train", "experiment=tiny_ar")
+    return AR_INIT
+
+
+class Study:
+    """A study's folders; its runs are the configs `conf/experiment/<group>/<name>.yaml`.
+    `starts_from` maps a run to the run whose export it starts from (default: the AR-init)."""
+
+    def __init__(
+        self, here: Path, group: str, starts_from: Mapping[str, str] | None = None
+    ) -> None:
+        self.here, self.group, self.starts_from = here, group, dict(starts_from or {})
+        self.runs, self.metrics = here / "runs", here / "metrics"
+
+    def fine_tune(self, name: str, seed: int) -> Path:
+        """The export of run `name` for `seed`, trained when missing (a half-finished run
+        resumes from its run directory's last checkpoint)."""
+        export = self.runs / name / f"seed{seed}" / "export"
+        if not (export / "diffusion.json").exists():
+            overrides = [f"experiment={self.group}/{name}"]
+            if name in self.starts_from:
+                overrides.append(f"model.pretrained={self.fine_tune(self.starts_from[name], seed)}")
+            else:
+                ar_init()
+            python("-m", "src.train", *overrides, f"seed={seed}", f"hydra.run.dir={export.parent}",
+                   f"paths.export_dir={export}")  # fmt: skip
+        return export
+
+    def evaluate(self, export: Path, out: Path, *overrides: str) -> None:
+        """`src.eval` on the whole synthetic test split; its metrics.json is kept as `out`."""
+        run_dir = self.runs / "eval" / out.relative_to(self.metrics).with_suffix("")
+        python("-m", "src.eval", f"ckpt={export}", "benchmark=synthetic", *overrides,
+               f"hydra.run.dir={run_dir}")  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(run_dir / "metrics.json", out)
+
+    def load(self, pattern: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.metrics.glob(pattern))]
+
+
+def mean_spread(values: Sequence[float]) -> str:
+    """`mean ± sample std (n)`; a single value has no spread; none: not run."""
+    if not values:
+        return NOT_RUN
+    if len(values) == 1:
+        return f"{values[0]:.3f} (n=1)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
+
+
+def mean(values: Sequence[float], digits: int) -> str:
+    return f"{statistics.mean(values):.{digits}f}" if values else NOT_RUN
