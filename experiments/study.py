@@ -5,13 +5,14 @@ as JSON under `metrics/` (committed) and skipped when present, and the cells of 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +81,17 @@ def mean_spread(values: Sequence[float]) -> str:
 
 def mean(values: Sequence[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f}" if values else NOT_RUN
+
+
+def main(
+    doc: str, here: Path, run: Callable[[list[int]], None], summarise: Callable[[], str]
+) -> None:
+    """A study's command line: run what `--seeds` lack, then write results.md from metrics/."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--summarise", action="store_true", help="only rebuild results.md")
+    args = parser.parse_args()
+    if not args.summarise:
+        run(args.seeds)
+    (here / "results.md").write_text(summarise())
+    print(f"wrote {here / 'results.md'}")

@@ -17,10 +17,9 @@ run of seed 0, then the other seeds; a measurement whose JSON is in `metrics/` i
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from experiments.study import Study, mean, mean_spread, python
+from experiments.study import Study, main, mean, mean_spread, python
 from src.data.synthetic import TASKS
 
 HERE = Path(__file__).resolve().parent
@@ -122,16 +121,5 @@ def summarise() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--summarise", action="store_true", help="only rebuild results.md")
-    args = parser.parse_args()
-    if not args.summarise:
-        run(args.seeds)
-    (HERE / "results.md").write_text(summarise())
-    print(f"wrote {HERE / 'results.md'}")
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, HERE, run, summarise)

@@ -27,14 +27,13 @@ from `metrics/` alone. A step whose JSON exists is skipped, so an interrupted st
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.study import NOT_RUN, Study, ar_init, mean, mean_spread, python
+from experiments.study import NOT_RUN, Study, ar_init, main, mean, mean_spread, python
 from src.data.synthetic import TASKS
 
 HERE = Path(__file__).resolve().parent
@@ -366,16 +365,5 @@ def plot_fig4(points: list[tuple[float, list[float], list[float]]], ar: list[dic
     fig.savefig(HERE / "fig4_threshold.png", dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--summarise", action="store_true", help="only rebuild results.md")
-    args = parser.parse_args()
-    if not args.summarise:
-        run(args.seeds)
-    (HERE / "results.md").write_text(summarise())
-    print(f"wrote {HERE / 'results.md'}")
-
-
 if __name__ == "__main__":
-    main()
+    main(__doc__, HERE, run, summarise)
