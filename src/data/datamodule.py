@@ -110,7 +110,9 @@ class ChatDataModule(L.LightningDataModule):
                 f"`{prepare_command('<dir>')}`, then train with data.prepared=<dir>"
             )
         self.prepared = prepared
-        self._cache = cache_dir or tempfile.mkdtemp(prefix="chat-data-")
+        # Without a cache folder (tests, benches), a temporary one that goes with the module.
+        self._tmp = None if cache_dir else tempfile.TemporaryDirectory(prefix="chat-data-")
+        self._cache = cache_dir or self._tmp.name
         self.train_dataset: PreparedSplit | None = None
         self.val_dataset: PreparedSplit | None = None
 
