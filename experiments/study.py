@@ -83,15 +83,15 @@ def mean(values: Sequence[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f}" if values else NOT_RUN
 
 
-def main(
-    doc: str, here: Path, run: Callable[[list[int]], None], summarise: Callable[[], str]
-) -> None:
-    """A study's command line: run what `--seeds` lack, then write results.md from metrics/."""
+def main(doc: str, here: Path, run: Callable[..., None], summarise: Callable[[], str]) -> None:
+    """A study's command line: run what `--seeds` (and `--runs`, where the study takes it)
+    lack, then write results.md from metrics/."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs", nargs="+", help="only these runs (default: all)")
     parser.add_argument("--summarise", action="store_true", help="only rebuild results.md")
     args = parser.parse_args()
     if not args.summarise:
-        run(args.seeds)
+        run(args.seeds, **({"runs": args.runs} if args.runs else {}))
     (here / "results.md").write_text(summarise())
     print(f"wrote {here / 'results.md'}")

@@ -1,6 +1,7 @@
 """Recipe study: options beyond the paper (SPEC section 5) against the paper's recipe.
 
     .venv/bin/python -m experiments.recipe.run --seeds 0 1 2
+    .venv/bin/python -m experiments.recipe.run --seeds 1 2 --runs paper distill05
     .venv/bin/python -m experiments.recipe.run --summarise      # results.md from metrics/
 
 Every run is `python -m src.train experiment=recipe/<name> seed=<k>` (conf/experiment/recipe/:
@@ -56,7 +57,7 @@ def measure(name: str, seed: int) -> None:
                "sub_block_cache=[false]", "batch_sizes=[1]", "limit=null", SUB_BLOCK)  # fmt: skip
 
 
-def run(seeds: list[int]) -> None:
+def run(seeds: list[int], runs: list[str] | None = None) -> None:
     step_cost = METRICS / "step_cost.json"
     if not step_cost.exists():
         step_cost.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,7 @@ def run(seeds: list[int]) -> None:
         ar_eval = METRICS / "eval" / f"ar_ft_seed{seed}.json"
         if not ar_eval.exists():
             STUDY.evaluate(STUDY.fine_tune("ar_ft", seed), ar_eval, "decoder=ar")
-        for name in RUNS:
+        for name in runs or RUNS:
             measure(name, seed)
 
 
