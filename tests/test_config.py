@@ -188,3 +188,15 @@ def test_distillation_needs_a_teacher_of_the_same_tokenizer(artifacts, tmp_path)
     check_distillation(
         compose_train(f"paths.artifacts_dir={artifacts}", "diffusion.distill_weight=1")
     )
+
+
+def test_decode_eval_refuses_a_run_it_cannot_decode():
+    from src.training.checks import check_decode_eval
+
+    unshifted = ["callbacks=decode_eval", "diffusion.token_shift=false"]
+    with pytest.raises(ConfigError, match="token_shift=false cannot be decoded") as err:
+        check_decode_eval(compose_train(*unshifted))
+    assert "\n" not in str(err.value)
+    check_decode_eval(compose_train(*unshifted, "callbacks.decode_eval.decoder=ar"))
+    check_decode_eval(compose_train("callbacks=decode_eval"))
+    check_decode_eval(compose_train("diffusion.token_shift=false"))

@@ -152,6 +152,16 @@ def test_the_diffusion_decoder_refuses_an_ar_export(tmp_path):
     assert check_export(str(export), DECODE, None)[0] == "ar"
 
 
+def test_the_diffusion_decoder_refuses_an_unshifted_export(tmp_path):
+    # It reads the logit before each position: an export trained without the token shift
+    # would decode to garbage with rc 0.
+    export = make_export(tmp_path / "unshifted", token_shift=False)
+    with pytest.raises(ConfigError, match="token_shift=false.*retrain with token_shift=true"):
+        check_export(str(export), DECODE, None)
+    assert check_export(str(export), DECODE, "ar")[0] == "ar"
+    assert check_export(str(make_export(tmp_path / "shifted")), DECODE, None)[0] == "diffusion"
+
+
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, artifacts) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")

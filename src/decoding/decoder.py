@@ -96,11 +96,18 @@ def decoder_name(decoder: str | None, trained: Mapping[str, Any], where: str = "
     """The decoder to use for an export trained with `trained` (its diffusion.json)."""
     check_decoder_name(decoder)
     if decoder is None:
-        return "ar" if trained.get("objective") == "ar" else "diffusion"
+        decoder = "ar" if trained.get("objective") == "ar" else "diffusion"
     if decoder == "diffusion" and trained.get("objective") == "ar":
         raise ConfigError(
             f"{where or 'the export'} was trained with the AR objective, not block diffusion: "
             "decode it with decoder=ar"
+        )
+    if decoder == "diffusion" and trained.get("token_shift") is False:
+        # The decoder scores position j with the logit at j-1 and starts each block with the
+        # previous block's last logit (SPEC section 3); an unshifted model would be misread.
+        raise ConfigError(
+            f"{where or 'the export'} was trained with diffusion.token_shift=false, which the "
+            "block decoder cannot decode: retrain with token_shift=true, or use decoder=ar"
         )
     if decoder == "diffusion" and trained.get("mask_token_id") is None:
         raise ConfigError(

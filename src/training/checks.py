@@ -110,6 +110,18 @@ def check_distillation(cfg: DictConfig) -> None:
             )
 
 
+def check_decode_eval(cfg: DictConfig) -> None:
+    """The decode evaluation during training must be able to decode the run's model."""
+    decode_eval = (cfg.get("callbacks") or {}).get("decode_eval")
+    if decode_eval is None or decode_eval.get("decoder") == "ar":
+        return
+    if cfg.diffusion.objective != "ar" and cfg.diffusion.get("token_shift") is False:
+        raise ConfigError(
+            "diffusion.token_shift=false cannot be decoded by the block decoder (it reads the "
+            "logit before each position): drop callbacks=decode_eval, or keep token_shift=true"
+        )
+
+
 def check_train(cfg: DictConfig) -> None:
     """All compose-time checks of a training run."""
     check_types(cfg)
@@ -125,3 +137,4 @@ def check_train(cfg: DictConfig) -> None:
     check_model_source(cfg.model)
     check_strategy(cfg.trainer)
     check_distillation(cfg)
+    check_decode_eval(cfg)
