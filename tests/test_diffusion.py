@@ -263,11 +263,21 @@ def test_a_tilt_masks_later_block_positions_more():
     assert torch.equal(uniform, untilted)  # g = 0 is the paper
 
 
-def manual_recipe_loss(model, teacher, ids, labels, masked, *, weight, tau, token_shift):
+def manual_recipe_loss(model, teacher, ids, labels, masked, *, weight, tau, token_shift, mu):
     """CE + lambda tau^2 KL, written out from SPEC sections 2 and 5.2 position by position
-    through separate [x_t; x_0] sequences and the teacher's causal forward on x_0."""
+    through separate [x_t; x_0] sequences and the teacher's causal forward on x_0; plus mu
+    times the student's next-token CE of every supervised token after the first position."""
     keep = [v for v in range(VOCAB) if v != MASK_ID]
     teacher_logits = teacher(input_ids=ids).logits  # causal
+    student_ar = model(input_ids=ids).logits  # causal
+    ar = (
+        sum(
+            F.cross_entropy(student_ar[b, i - 1], ids[b, i], reduction="sum")
+            for b, i in zip(*torch.nonzero(labels != IGNORE_INDEX, as_tuple=True), strict=True)
+            if i > 0
+        )
+        / (labels[:, 1:] != IGNORE_INDEX).sum()
+    )
     ce = kl = 0.0
     for view in range(masked.shape[1]):
         noisy = torch.where(masked[:, view], MASK_ID, ids)
@@ -280,12 +290,13 @@ def manual_recipe_loss(model, teacher, ids, labels, masked, *, weight, tau, toke
             p_t = (teacher_logits[b, i - 1, keep] / tau).softmax(-1)
             log_q = (scorer[keep] / tau).log_softmax(-1)
             kl = kl + (p_t * (p_t.log() - log_q)).sum()
-    return (ce + weight * tau**2 * kl) / (labels != IGNORE_INDEX).sum()
+    return (ce + weight * tau**2 * kl) / (labels != IGNORE_INDEX).sum() + mu * ar
 
 
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("token_shift", [True, False])
-def test_distillation_loss_is_the_spec_formula(arch, shared, token_shift):
+@pytest.mark.parametrize("mu", [0.0, 0.3])
+def test_distillation_and_ar_term_are_the_written_formula(arch, shared, token_shift, mu):
     model, teacher = tiny_model(arch, VOCAB, seed=0), tiny_model(arch, VOCAB, seed=1)
     ids, labels = sft_batch()
     options = dict(masking="position_dependent", masking_tilt=0.5, distill_temperature=2.0)
@@ -299,6 +310,7 @@ def test_distillation_loss_is_the_spec_formula(arch, shared, token_shift):
         shared_clean_stream=shared,
         teacher=teacher,
         distill_weight=0.7,
+        ar_weight=mu,
         generator=torch.Generator().manual_seed(9),
         **options,
     )
@@ -307,7 +319,7 @@ def test_distillation_loss_is_the_spec_formula(arch, shared, token_shift):
         generator=torch.Generator().manual_seed(9),
     )  # fmt: skip
     manual = manual_recipe_loss(
-        model, teacher, ids, labels, masked, weight=0.7, tau=2.0, token_shift=token_shift
+        model, teacher, ids, labels, masked, weight=0.7, tau=2.0, token_shift=token_shift, mu=mu
     )
     assert loss.item() == pytest.approx(manual.item(), abs=1e-4)
     plain = block_diffusion_loss(
@@ -326,7 +338,7 @@ def test_recipe_options_with_flex_attention():
     ids, labels = sft_batch()
     options = dict(
         mask_token_id=MASK_ID, block_size=8, masking="position_dependent", masking_tilt=1.0,
-        masking_second_view="resample", teacher=teacher, distill_weight=0.5,
+        masking_second_view="resample", teacher=teacher, distill_weight=0.5, ar_weight=0.5,
     )  # fmt: skip
     losses = [
         block_diffusion_loss(

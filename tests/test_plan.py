@@ -84,6 +84,18 @@ def test_activations_follow_layout_length_and_checkpointing(qwen7b_folder):
     assert longer.activations > 1.9 * shared.activations
     no_checkpointing, _ = plan_rows(*base, "model.gradient_checkpointing=false")
     assert no_checkpointing.activations > shared.activations + 10  # GiB
+    # The AR term's causal forward of x_0 adds an L-token pass's activations (ar's).
+    ar_term, _ = plan_rows(*base, "diffusion.ar_weight=0.5")
+    assert ar_term.activations == pytest.approx(shared.activations + ar.activations, rel=0.02)
+
+
+def test_distillation_teacher_is_counted(qwen7b_folder):
+    base = ("experiment=qwen7b", f"model.pretrained={qwen7b_folder}", "strategy=deepspeed_zero2")
+    plain, rows = plan_rows(*base)
+    distil, distil_rows = plan_rows(*base, "diffusion.distill_weight=0.5")
+    assert plain.teacher == 0 and distil.teacher > 2 * plain.params / 2**30  # bf16 weights
+    for name, row in rows.items():
+        assert distil_rows[name].total == pytest.approx(row.total + distil.teacher)
 
 
 def test_tiny_plan(tiny_folder):
@@ -136,3 +148,21 @@ def test_cli_prints_the_plan(tmp_path):
         timeout=180,
     )
     assert bad.returncode != 0 and "trainer.devices=8" in bad.stderr
+
+
+def test_train_bench_times_the_recipe_with_its_extra_forwards(artifacts, tmp_path):
+    """`src.bench train` adds the run's recipe beside AR, 4L and 3L: with the AR term, the
+    memory saved for backward is the 3L step's plus the AR step's."""
+    from src.config import compose as compose_entry
+    from src.training.step_bench import bench_train
+
+    cfg = compose_entry(
+        "bench_train",
+        [f"paths.artifacts_dir={artifacts}", f"paths.output_dir={tmp_path}",
+         "diffusion.ar_weight=0.5", "bench.steps=1"],  # fmt: skip
+    )
+    rows = {row["objective"]: row for row in bench_train(cfg)}
+    recipe = rows["shared stream + AR term (3L + L)"]
+    shared, ar = rows["block diffusion, shared stream (3L)"], rows["ar"]
+    extra = recipe["saved_for_backward_mib"] - shared["saved_for_backward_mib"]
+    assert extra == pytest.approx(ar["saved_for_backward_mib"], rel=0.01)

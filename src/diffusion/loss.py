@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from src.diffusion.masks import block_diffusion_attention
+from src.diffusion.masks import block_diffusion_attention, causal_attention
 
 IGNORE_INDEX = -100
 
@@ -111,6 +111,11 @@ def _cached_attention(l, block_size, v, implementation, dtype, device):  # noqa:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_causal(l, implementation, device):  # noqa: ANN001, ANN202
+    return causal_attention(l, implementation=implementation, device=device)
+
+
 def shifted_cross_entropy(
     logits: Tensor, targets: Tensor, selected: Tensor, normaliser: Tensor, *, token_shift: bool
 ) -> Tensor:
@@ -173,6 +178,7 @@ def block_diffusion_loss(
     teacher: torch.nn.Module | None = None,
     distill_weight: float = 0.0,
     distill_temperature: float = 1.0,
+    ar_weight: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Cross-entropy on the masked supervised tokens, over the number of supervised tokens.
@@ -180,7 +186,11 @@ def block_diffusion_loss(
     No 1/t weighting and no extra AR term (SPEC section 2). The options of SPEC section 5:
     `masking`/`masking_tilt`/`masking_second_view` (`sample_masked_positions`), and with
     `distill_weight` > 0 the distillation term from the frozen AR `teacher`
-    (`distillation_kl`), averaged over the same positions as the cross-entropy.
+    (`distillation_kl`), averaged over the same positions as the cross-entropy. Beyond the
+    SPEC, `ar_weight` mu > 0 adds mu times the student's own next-token loss (`ar_loss`, a
+    causal forward of x_0 with gradient): it keeps the AR-init's causal computation trained,
+    which the converted model loses (experiments/recipe: arithmetic fails even one token per
+    step, with every earlier token clean).
     """
     masked = sample_masked_positions(
         labels,
@@ -213,12 +223,15 @@ def block_diffusion_loss(
             temperature=distill_temperature,
             token_shift=token_shift,
         )
+    if ar_weight > 0:
+        loss = loss + ar_weight * ar_loss(model, input_ids, labels)
     return loss
 
 
 def ar_loss(model: torch.nn.Module, input_ids: Tensor, labels: Tensor) -> Tensor:
     """Plain next-token loss on the supervised tokens (the `objective=ar` control)."""
-    logits = model(input_ids=input_ids, use_cache=False).logits  # [b, l, V]
+    mask = _cached_causal(input_ids.shape[1], model.config._attn_implementation, input_ids.device)
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits  # [b, l, V]
     supervised = labels != IGNORE_INDEX
     return shifted_cross_entropy(
         logits, input_ids, supervised, supervised[:, 1:].sum(), token_shift=True

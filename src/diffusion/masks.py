@@ -81,3 +81,17 @@ def block_diffusion_attention(
         return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
     allowed = block_diffusion_mask(seq_len, block_size, num_views).to(device)
     return additive_mask(allowed, dtype).unsqueeze(0)
+
+
+def causal_attention(seq_len: int, *, implementation: str, device: torch.device) -> object:
+    """The plain causal rule for a forward of x_0 (the AR loss): None, transformers' own mask,
+    except for `flex_attention`, which gets an explicit BlockMask: the one transformers builds
+    fails to compile on CPU (torch 2.13) once a block-diffusion forward ran in the process."""
+    if implementation != "flex_attention":
+        return None
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return k <= q
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)

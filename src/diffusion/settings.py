@@ -42,3 +42,11 @@ def check_diffusion(diffusion: Mapping[str, Any]) -> None:
             "diffusion.distill_weight > 0 distils into a block-diffusion model: "
             "set diffusion.objective=block_diffusion, or distill_weight=0"
         )
+    ar_weight = diffusion.get("ar_weight", 0.0)
+    if ar_weight < 0:
+        raise ConfigError(f"diffusion.ar_weight={ar_weight} must be >= 0 (0: no AR term)")
+    if ar_weight > 0 and diffusion["objective"] == "ar":
+        raise ConfigError(
+            "diffusion.ar_weight > 0 adds an AR term to the block-diffusion loss: "
+            "set diffusion.objective=block_diffusion, or ar_weight=0"
+        )

@@ -24,6 +24,7 @@ RECIPE_OPTIONS = (
     "masking_second_view",
     "distill_weight",
     "distill_temperature",
+    "ar_weight",
 )
 
 

@@ -170,6 +170,11 @@ def memory_plan(cfg: DictConfig) -> Plan:
         activation_bytes(config, tokens, batch * logit_streams * seq_len, _checkpointing(cfg))
         + mask
     )
+    if cfg.diffusion.get("ar_weight", 0.0) > 0:
+        # The AR term's causal forward of x_0 keeps its activations until the backward.
+        activations += activation_bytes(
+            config, batch * seq_len, batch * seq_len, _checkpointing(cfg)
+        )
     # Distillation's teacher: bf16 weights on every GPU (not partitioned, see check_distillation)
     # and its no-grad logits over the batch; its layer activations are freed as it goes.
     teacher = 0

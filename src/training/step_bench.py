@@ -2,11 +2,12 @@
 
 One batch, a training step (forward, backward, AdamW) of each objective — AR, block
 diffusion as two [x_t; x_0] sequences (the official layout, 4L tokens for two views) and as
-one shared clean stream [x_t1; x_t2; x_0] (3L), and with `diffusion.distill_weight` > 0 the
-run's recipe with its AR teacher's extra forward — timed in interleaved rounds so machine
-noise hits all three alike. Reports time per step, tokens/s (input tokens of the batch), the
-memory saved for backward (activations; exact and device-independent) and, on CUDA, peak
-allocated memory, with ratios to AR.
+one shared clean stream [x_t1; x_t2; x_0] (3L), and with `diffusion.distill_weight` or
+`diffusion.ar_weight` > 0 the run's recipe with its extra L-token forwards (the AR teacher's,
+the AR term's) — timed in interleaved rounds so machine noise hits all of them alike.
+Reports time per step, tokens/s (input tokens of the batch), the memory saved for backward
+(activations; exact and device-independent) and, on CUDA, peak allocated memory, with ratios
+to AR.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from src.diffusion import ar_loss, block_diffusion_loss
 from src.model import build_tokenizer, mask_token_id_of, model_from_config
 from src.training.checks import check_train
 from src.training.module import RECIPE_OPTIONS
+
+# The recipe options that cost one more L-token forward per sample, and their table label.
+EXTRA_FORWARDS = {"distill_weight": "distillation", "ar_weight": "AR term"}
 
 
 @contextmanager
@@ -78,11 +82,16 @@ def bench_train(cfg: DictConfig) -> list[dict[str, Any]]:
             model, batch["input_ids"], batch["labels"], shared_clean_stream=True, **diffusion_kwargs
         ),
     }
-    if d.get("distill_weight", 0.0) > 0:
-        # SPEC 5.2: the run's recipe with its frozen AR teacher (the AR-init, no gradient).
-        teacher = model_from_config(tokenizer, cfg.model).to(device).eval().requires_grad_(False)
+    extras = [name for key, name in EXTRA_FORWARDS.items() if d.get(key, 0.0) > 0]
+    if extras:
+        # The run's recipe; SPEC 5.2's frozen AR teacher is the AR-init (no gradient).
+        teacher = None
+        if d.get("distill_weight", 0.0) > 0:
+            teacher = model_from_config(tokenizer, cfg.model).to(device).eval()
+            teacher.requires_grad_(False)
         recipe = {k: d[k] for k in RECIPE_OPTIONS if k in d}
-        variants["shared stream + distillation (3L + L)"] = lambda: block_diffusion_loss(
+        label = f"shared stream + {' + '.join(extras)} (3L{' + L' * len(extras)})"
+        variants[label] = lambda: block_diffusion_loss(
             model,
             batch["input_ids"],
             batch["labels"],
