@@ -1,7 +1,7 @@
 """Study 2: does block-diffusion conversion preserve a real pretrained AR model?
 
     make smollm2-study                                  # distil, fine-tune, measure (CPU)
-    .venv/bin/python -m experiments.smollm2.run --prompts 16
+    .venv/bin/python -m experiments.smollm2.run --recipe bd_ar   # the best tiny recipe
     .venv/bin/python -m experiments.smollm2.run --summarise   # results.md from metrics/
 
 Self-distillation on SmolLM2-135M-Instruct (`experiment=smollm2`):
@@ -10,16 +10,18 @@ Self-distillation on SmolLM2-135M-Instruct (`experiment=smollm2`):
 2. distil: the original model's greedy chat answers (HF `generate`, at most `MAX_NEW_TOKENS`).
    Answers the token limit cut off are dropped: they would teach the model to stop where the
    limit, not the model, stopped;
-3. fine-tune: `python -m src.train experiment=smollm2_study/bd` on the train answers (block
-   diffusion, full recipe; conf/experiment/smollm2_study/bd.yaml), into `runs/bd/`
-   (git-ignored; it resumes from its last checkpoint);
+3. fine-tune: `python -m src.train experiment=smollm2_study/<recipe>` on the train answers
+   into `runs/<recipe>/` (git-ignored; it resumes from its last checkpoint). Recipes are the
+   config files of conf/experiment/smollm2_study/: `bd` (the paper's recipe) and `bd_ar`
+   (+ the AR term, the recipe study's best option);
 4. measure on the held-out prompts, all decoders interleaved prompt by prompt in one process
    (batch 1, greedy): how often cached parallel decoding reproduces the original model's AR
    answer (exact, and token agreement), tokens per forward and tokens/s against the original's
    AR decoding; AR and block-diffusion perplexity of the held-out answers before and after.
 
-Each step's JSON lands in `metrics/` (committed) and is skipped when present, so the study
-resumes; `results.md` is built from `metrics/` alone.
+Each step's JSON lands in `metrics/` (`distil.json`, then `<recipe>/train.json` and
+`<recipe>/measure.json`; committed) and is skipped when present, so the study resumes;
+`results.md` is built from `metrics/` alone.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ from src.model import Export, build_tokenizer, load_export, mask_token_id_of, mo
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RUNS, METRICS = HERE / "runs", HERE / "metrics"
-# The fine-tune (conf/experiment/smollm2_study/bd.yaml) reads its chats from runs/data/.
-FINE_TUNE = "experiment=smollm2_study/bd"
-DATA, EXPORT = RUNS / "data", RUNS / "bd" / "export"
+# Every fine-tune (conf/experiment/smollm2_study/<recipe>.yaml) reads its chats from runs/data/.
+RECIPES = {"bd": "paper's recipe", "bd_ar": "+ AR term, weight 0.5"}
+DATA = RUNS / "data"
 
 PROMPT_TEMPLATES = (
     "Explain {topic} in one sentence.",
@@ -86,9 +88,13 @@ def prompt_split() -> dict[str, list[str]]:
     return splits
 
 
+def fine_tune_override(recipe: str) -> str:
+    return f"experiment=smollm2_study/{recipe}"
+
+
 def original_model() -> Export:
-    """SmolLM2 exactly as the fine-tune starts training it (mask token row added)."""
-    cfg = compose("train", [FINE_TUNE])
+    """SmolLM2 exactly as the fine-tunes start training it (mask token row added)."""
+    cfg = compose("train", [fine_tune_override("bd")])
     tokenizer = build_tokenizer(cfg.model)
     model = model_from_config(tokenizer, cfg.model).eval()
     settings = {
@@ -111,9 +117,10 @@ def user_prompt_ids(decoder: Decoder, prompt: str) -> list[int]:
 
 
 def distil() -> None:
-    """The original model's greedy answers as chat jsonl (train / validation = held-out)."""
+    """The original model's greedy answers as chat jsonl (train / validation = held-out);
+    the committed `distil.json` is kept when the (git-ignored) data are made again."""
     out = METRICS / "distil.json"
-    if out.exists():
+    if (DATA / "train.jsonl").exists() and (DATA / "validation.jsonl").exists():
         return
     ar = decoder(original_model(), "ar")
     tokenizer, stop = ar.tokenizer, ar.export.settings["stop_token_id"]
@@ -136,15 +143,30 @@ def distil() -> None:
         write_jsonl(DATA / f"{'validation' if split == 'held_out' else split}.jsonl", chats)
         report["splits"][split] = {"prompts": len(prompts), "kept": len(chats), "cut": cut}
     report["seconds"] = time.perf_counter() - started
-    write_json(out, report)
+    if not out.exists():
+        write_json(out, report)
+    elif json.loads(out.read_text())["splits"] != report["splits"]:
+        print(f"warning: the distilled data differ from {out}'s: {report['splits']}", flush=True)
 
 
-def fine_tune() -> None:
-    if (EXPORT / "diffusion.json").exists():
+def export_dir(recipe: str) -> Path:
+    return RUNS / recipe / "export"
+
+
+def fine_tune(recipe: str) -> None:
+    out = METRICS / recipe / "train.json"
+    if out.exists():
         return
-    python(
-        "-m", "src.train", FINE_TUNE, f"hydra.run.dir={EXPORT.parent}", f"paths.export_dir={EXPORT}"
-    )
+    started = time.perf_counter()
+    export = export_dir(recipe)
+    if not (export / "diffusion.json").exists():
+        python("-m", "src.train", fine_tune_override(recipe), f"hydra.run.dir={export.parent}",
+               f"paths.export_dir={export}")  # fmt: skip
+    cfg = compose("train", [fine_tune_override(recipe)])
+    write_json(out, {"steps": cfg.trainer.max_steps, "lr": cfg.optim.lr,
+                     "batch_size": cfg.data.batch_size,
+                     "ar_weight": cfg.diffusion.ar_weight,
+                     "minutes": (time.perf_counter() - started) / 60})  # fmt: skip
 
 
 def held_out_losses(
@@ -193,12 +215,12 @@ def agreement(reference: list[list[int]], decoded: list[list[int]]) -> dict[str,
     }
 
 
-def measure(num_prompts: int) -> None:
-    out = METRICS / "measure.json"
+def measure(recipe: str, num_prompts: int) -> None:
+    out = METRICS / recipe / "measure.json"
     if out.exists():
         return
     original = original_model()
-    export = load_export(str(EXPORT))
+    export = load_export(str(export_dir(recipe)))
     settings = original.settings
     assert export.settings["block_size"] == settings["block_size"]
     tokenizer, mask = original.tokenizer, settings["mask_token_id"]
@@ -263,10 +285,14 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def summarise() -> str:
-    """results.md from metrics/ (distil.json, train.json, measure.json)."""
+    """results.md from metrics/: the paper recipe's run in full, then every recipe compared."""
     distilled = json.loads((METRICS / "distil.json").read_text())
-    m = json.loads((METRICS / "measure.json").read_text())
-    train = json.loads((METRICS / "train.json").read_text())
+    measured = {
+        recipe: {name: json.loads((METRICS / recipe / f"{name}.json").read_text())
+                 for name in ("train", "measure")}
+        for recipe in RECIPES if (METRICS / recipe / "measure.json").exists()
+    }  # fmt: skip
+    m, train = measured["bd"]["measure"], measured["bd"]["train"]
     lines = ["# Results (generated by `run.py --summarise` from `metrics/`)", ""]
     lines.append(
         f"Distillation: {distilled['splits']['train']['kept']} train and "
@@ -279,15 +305,7 @@ def summarise() -> str:
         f"({m['threads']} threads)."
     )
     lines += ["", f"## Agreement with the original model's AR answers ({m['held_out_prompts']} "
-              "held-out prompts, greedy, batch 1)", "",
-              "| decoder | exact | token agreement | shared prefix | tokens/forward | tokens/s "
-              "| x original AR |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in m["rows"]:
-        lines.append(
-            f"| {r['decoder']} | {r['exact']:.3f} | {r['token_agreement']:.3f} "
-            f"| {r['shared_prefix']:.3f} | {r['tokens_per_forward']:.2f} "
-            f"| {r['tokens_per_second']:.1f} | {r['speed_vs_original_ar']:.2f} |"
-        )
+              "held-out prompts, greedy, batch 1)", "", *agreement_table(m["rows"])]  # fmt: skip
     p = m["perplexity"]
     lines += ["", "## Held-out perplexity of the distilled answers", "",
               "| | before (original + mask row) | after fine-tune |", "|---|---|---|",
@@ -295,28 +313,67 @@ def summarise() -> str:
               f"| {p['after']['ar_perplexity']:.2f} |",
               f"| block diffusion (masked tokens, fixed noise) | {p['before']['bd_perplexity']:.2f} "
               f"| {p['after']['bd_perplexity']:.2f} |", "", "## Side by side", ""]  # fmt: skip
+    lines += side_by_side(m)
+    if len(measured) > 1:
+        lines += recipes_compared(measured)
+    return "\n".join(lines)
+
+
+def agreement_table(rows: list[dict[str, Any]], recipe: str | None = None) -> list[str]:
+    first = "| recipe " if recipe else ""
+    lines = [f"{first}| decoder | exact | token agreement | shared prefix | tokens/forward "
+             "| tokens/s | x original AR |", "|---" * (7 + bool(recipe)) + "|"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            (f"| {recipe} " if recipe else "")
+            + f"| {r['decoder']} | {r['exact']:.3f} | {r['token_agreement']:.3f} "
+            f"| {r['shared_prefix']:.3f} | {r['tokens_per_forward']:.2f} "
+            f"| {r['tokens_per_second']:.1f} | {r['speed_vs_original_ar']:.2f} |"
+        )
+    return lines
+
+
+def side_by_side(m: dict[str, Any]) -> list[str]:
+    lines = []
     for s in m["side_by_side"]:
         lines += [f"**{s['prompt']}**", ""]
         lines += [f"- {k}: {v!r}" for k, v in s.items() if k != "prompt"]
         lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+def recipes_compared(measured: dict[str, dict[str, Any]]) -> list[str]:
+    """Every measured recipe's fine-tune, perplexity and agreement rows, one table each."""
+    lines = ["## Recipes compared (same data, steps and held-out prompts)", "",
+             "| recipe | fine-tune min | AR perplexity after | block-diffusion perplexity after |",
+             "|---|---|---|---|"]  # fmt: skip
+    for recipe, runs in measured.items():
+        after = runs["measure"]["perplexity"]["after"]
+        lines.append(
+            f"| {recipe}: {RECIPES[recipe]} | {runs['train']['minutes']:.1f} "
+            f"| {after['ar_perplexity']:.2f} | {after['bd_perplexity']:.2f} |"
+        )
+    rows = [
+        line
+        for i, (recipe, runs) in enumerate(measured.items())
+        for line in agreement_table(runs["measure"]["rows"], recipe)[0 if i == 0 else 2 :]
+    ]
+    lines += ["", *rows, ""]
+    for recipe, runs in list(measured.items())[1:]:
+        lines += [f"### Side by side: {recipe}", "", *side_by_side(runs["measure"])]
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", choices=list(RECIPES), default="bd", help="the fine-tune")
     parser.add_argument("--prompts", type=int, default=16, help="held-out prompts to decode")
     parser.add_argument("--summarise", action="store_true", help="only rebuild results.md")
     args = parser.parse_args()
     if not args.summarise:
         distil()
-        started = time.perf_counter()
-        if not (METRICS / "train.json").exists():
-            fine_tune()
-            cfg = compose("train", [FINE_TUNE])
-            write_json(METRICS / "train.json", {"steps": cfg.trainer.max_steps, "lr": cfg.optim.lr,
-                       "batch_size": cfg.data.batch_size,
-                       "minutes": (time.perf_counter() - started) / 60})  # fmt: skip
-        measure(args.prompts)
+        fine_tune(args.recipe)
+        measure(args.recipe, args.prompts)
     (HERE / "results.md").write_text(summarise())
     print(f"wrote {HERE / 'results.md'}")
 
