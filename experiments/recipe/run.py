@@ -1,27 +1,31 @@
-"""Recipe study: options beyond the paper (SPEC section 5) against the paper's recipe.
+"""Recipe study: options beyond the paper (SPEC section 5, and the AR term) against the paper's.
 
     .venv/bin/python -m experiments.recipe.run --seeds 0 1 2
-    .venv/bin/python -m experiments.recipe.run --seeds 1 2 --runs paper distill05
+    .venv/bin/python -m experiments.recipe.run --seeds 1 2 --runs paper ar05
     .venv/bin/python -m experiments.recipe.run --summarise      # results.md from metrics/
 
 Every run is `python -m src.train experiment=recipe/<name> seed=<k>` (conf/experiment/recipe/:
 the paper's recipe, position-dependent masking at two tilts and with a resampled second view,
-distillation at two weights, a combination, and the AR fine-tune), 900 steps from the same
-AR-init (`artifacts/tiny_ar`), into `runs/<name>/seed<k>/` (git-ignored). Measured on all 200
-test problems, sub-block 8: exact match at threshold 0.9 and 1.0 (`src.eval`, batch 8, per
-task family, tokens per step), the teacher-forced arithmetic probe per step
+distillation at two weights, a combination, the AR term, and the AR fine-tune), 900 steps from
+the same AR-init (`artifacts/tiny_ar`), into `runs/<name>/seed<k>/` (git-ignored). Measured on
+all 200 test problems, sub-block 8: exact match at threshold 0.9 and 1.0 (`src.eval`, batch 8,
+per task family, tokens per step), the teacher-forced arithmetic probe per step
 (`experiments/tiny_repro/probe_arithmetic.py`), AR-relative tokens/s side by side in one
-process (`src.bench decode`, batch 1, against the AR fine-tune of the same seed) and the
-train-step cost of distillation (`src.bench train`). Cheapest and most central first: every
-run of seed 0, then the other seeds; a measurement whose JSON is in `metrics/` is skipped.
+process (`src.bench decode`, batch 1, against the AR fine-tune of the same seed), the
+train-step cost of the options with an extra forward (`src.bench train`), and seed 0's answers
+to a few prompts in and outside the corpus (`ANSWER_PROMPTS`) from the paper's recipe, the best
+option and the AR fine-tune. Cheapest and most central first: every run of seed 0, then the
+other seeds; a measurement whose JSON is in `metrics/` is skipped.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from experiments.study import Study, main, mean, mean_spread, python
 from src.data.synthetic import TASKS
+from src.decoding import DecodeSettings, chat_prompt_ids, load_decoder
 
 HERE = Path(__file__).resolve().parent
 STUDY = Study(HERE, "recipe")
@@ -34,9 +38,18 @@ RUNS = {
     "distill05": "+ distillation, weight 0.5",
     "distill10": "+ distillation, weight 1.0",
     "combo": "+ tilt 1.0 and distillation 1.0",
+    "ar05": "+ AR term on x_0, weight 0.5",
 }
 THRESHOLDS = (0.9, 1.0)
+# The train bench of each option with an extra forward (its row beside AR, 4L and 3L).
+STEP_COSTS = {"distill10": METRICS / "step_cost.json", "ar05": METRICS / "step_cost_ar05.json"}
 SUB_BLOCK = "decode.sub_block_size=8"
+# Seed 0's answers side by side: the paper's recipe, the option with the best mean exact match
+# over three seeds (results.md), the AR fine-tune. The first two prompts are in the corpus's
+# distribution, the others are not (three or six digits, two terms, a question).
+ANSWERS_FROM = ("paper", "ar05", "ar_ft")
+ANSWER_PROMPTS = ("Sort: 7 2 9 4 1", "Compute 4 + 3 - 5 + 2", "Sort: 5 2 9", "Sort: 9 3 7 1 5 8",
+                  "Compute 4 + 3", "Reverse: 1 2 3", "What is the capital of France?")  # fmt: skip
 
 
 def measure(name: str, seed: int) -> None:
@@ -58,17 +71,40 @@ def measure(name: str, seed: int) -> None:
 
 
 def run(seeds: list[int], runs: list[str] | None = None) -> None:
-    step_cost = METRICS / "step_cost.json"
-    if not step_cost.exists():
-        step_cost.parent.mkdir(parents=True, exist_ok=True)
-        python("-m", "src.bench", "train", "experiment=recipe/distill10", "bench.steps=5",
-               f"bench.out={step_cost}")  # fmt: skip
+    for name, step_cost in STEP_COSTS.items():
+        if not step_cost.exists():
+            step_cost.parent.mkdir(parents=True, exist_ok=True)
+            python("-m", "src.bench", "train", f"experiment=recipe/{name}", "bench.steps=5",
+                   f"bench.out={step_cost}")  # fmt: skip
     for seed in seeds:
         ar_eval = METRICS / "eval" / f"ar_ft_seed{seed}.json"
         if not ar_eval.exists():
             STUDY.evaluate(STUDY.fine_tune("ar_ft", seed), ar_eval, "decoder=ar")
         for name in runs or RUNS:
             measure(name, seed)
+    if 0 in seeds:
+        answers()
+
+
+def answers() -> None:
+    """`ANSWER_PROMPTS` decoded greedily by seed 0 of each run in `ANSWERS_FROM`."""
+    out = METRICS / "answers.json"
+    if out.exists():
+        return
+    rows = []
+    for name in ANSWERS_FROM:
+        decode = DecodeSettings.defaults() | {"sub_block_size": 8, "threshold": 0.9}
+        decoder = load_decoder(str(STUDY.fine_tune(name, 0)), decode, device="cpu")
+        for prompt in ANSWER_PROMPTS:
+            result = decoder.generate(
+                [chat_prompt_ids(decoder, [{"role": "user", "content": prompt}])]
+            )
+            text = decoder.tokenizer.decode(result.tokens[0], skip_special_tokens=True)
+            rows.append({"run": name, "prompt": prompt, "answer": text,
+                         "tokens_per_forward": result.tokens_per_forward})  # fmt: skip
+    out.write_text(
+        json.dumps({"threshold": 0.9, "sub_block_size": 8, "rows": rows}, indent=2) + "\n"
+    )
 
 
 def summarise() -> str:
@@ -111,14 +147,27 @@ def summarise() -> str:
         ]
         cells = [mean_spread([p[k] for p in probes]) for k in range(3)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for cost in STUDY.load("step_cost.json"):
-        lines += ["", "## Train-step cost (`src.bench train`, one process, interleaved)", "",
-                  "| objective | s/step | x AR | x paper recipe (3L) |", "|---|---|---|---|"]  # fmt: skip
+    # One row per objective, the first bench's where several measured it; every ratio is to
+    # the AR and 3L steps of the same bench run.
+    rows = {
+        r["objective"]: r for cost in reversed(STUDY.load("step_cost*.json")) for r in cost["rows"]
+    }
+    if rows:
+        lines += ["", "## Train-step cost (`src.bench train`, one process per option, interleaved)",
+                  "", "| objective | s/step | x AR | x paper recipe (3L) |", "|---|---|---|---|"]  # fmt: skip
         lines += [
             f"| {r['objective']} | {r['seconds_per_step']:.3f} | {r['step_vs_ar']:.2f} "
             f"| {r['step_vs_paper_recipe']:.2f} |"
-            for r in cost["rows"]
+            for r in rows.values()
         ]
+    for answered in STUDY.load("answers.json"):
+        lines += ["", "## Answers side by side (seed 0, t=0.9, sub-block 8; the first two prompts "
+                  "are in the corpus's distribution)", "",
+                  "| prompt | " + " | ".join(ANSWERS_FROM) + " |", "|---" * (len(ANSWERS_FROM) + 1) + "|"]  # fmt: skip
+        cell = {(r["run"], r["prompt"]): r["answer"] for r in answered["rows"]}
+        for prompt in ANSWER_PROMPTS:
+            cells = [repr(cell[name, prompt]) for name in ANSWERS_FROM]
+            lines.append(f"| `{prompt}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
