@@ -158,8 +158,12 @@ def test_train_bench_times_the_recipe_with_its_extra_forwards(artifacts, tmp_pat
 
     cfg = compose_entry(
         "bench_train",
-        [f"paths.artifacts_dir={artifacts}", f"paths.output_dir={tmp_path}",
-         "diffusion.ar_weight=0.5", "bench.steps=1"],  # fmt: skip
+        [
+            f"paths.artifacts_dir={artifacts}",
+            f"paths.output_dir={tmp_path}",
+            "diffusion.ar_weight=0.5",
+            "bench.steps=1",
+        ],
     )
     rows = {row["objective"]: row for row in bench_train(cfg)}
     recipe = rows["shared stream + AR term (3L + L)"]
