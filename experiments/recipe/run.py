@@ -39,6 +39,7 @@ RUNS = {
     "distill10": "+ distillation, weight 1.0",
     "combo": "+ tilt 1.0 and distillation 1.0",
     "ar05": "+ AR term on x_0, weight 0.5",
+    "ar10": "+ AR term on x_0, weight 1.0",
 }
 THRESHOLDS = (0.9, 1.0)
 # The train bench of each option with an extra forward (its row beside AR, 4L and 3L).
