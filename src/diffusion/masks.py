@@ -18,6 +18,8 @@ its own block and of all earlier blocks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -73,12 +75,9 @@ def block_diffusion_attention(
     """
     n = (num_views + 1) * seq_len
     if implementation == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-            return block_diffusion_allowed(q, k, seq_len, block_size, num_views)
-
-        return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+        return _flex_mask(
+            lambda q, k: block_diffusion_allowed(q, k, seq_len, block_size, num_views), n, device
+        )
     allowed = block_diffusion_mask(seq_len, block_size, num_views).to(device)
     return additive_mask(allowed, dtype).unsqueeze(0)
 
@@ -89,9 +88,14 @@ def causal_attention(seq_len: int, *, implementation: str, device: torch.device)
     fails to compile on CPU (torch 2.13) once a block-diffusion forward ran in the process."""
     if implementation != "flex_attention":
         return None
+    return _flex_mask(lambda q, k: k <= q, seq_len, device)
+
+
+def _flex_mask(allowed: Callable[[Tensor, Tensor], Tensor], n: int, device: torch.device) -> object:
+    """A flex-attention BlockMask `[n, n]` of the rule `allowed(q, k)`, shared by batch and heads."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return k <= q
+        return allowed(q, k)
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
