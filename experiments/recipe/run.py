@@ -25,7 +25,7 @@ from pathlib import Path
 
 from experiments.study import Study, main, mean, mean_spread, python
 from src.data.synthetic import TASKS
-from src.decoding import DecodeSettings, chat_prompt_ids, load_decoder
+from src.decoding import Chat, DecodeSettings, load_decoder
 
 HERE = Path(__file__).resolve().parent
 STUDY = Study(HERE, "recipe")
@@ -97,10 +97,7 @@ def answers() -> None:
         decode = DecodeSettings.defaults() | {"sub_block_size": 8, "threshold": 0.9}
         decoder = load_decoder(str(STUDY.fine_tune(name, 0)), decode, device="cpu")
         for prompt in ANSWER_PROMPTS:
-            result = decoder.generate(
-                [chat_prompt_ids(decoder, [{"role": "user", "content": prompt}])]
-            )
-            text = decoder.tokenizer.decode(result.tokens[0], skip_special_tokens=True)
+            text, result = Chat(decoder).reply(prompt)  # a fresh conversation per prompt
             rows.append({"run": name, "prompt": prompt, "answer": text,
                          "tokens_per_forward": result.tokens_per_forward})  # fmt: skip
     out.write_text(

@@ -319,13 +319,15 @@ def summarise() -> str:
     return "\n".join(lines)
 
 
-def agreement_table(rows: list[dict[str, Any]], recipe: str | None = None) -> list[str]:
-    first = "| recipe " if recipe else ""
-    lines = [f"{first}| decoder | exact | token agreement | shared prefix | tokens/forward "
-             "| tokens/s | x original AR |", "|---" * (7 + bool(recipe)) + "|"]  # fmt: skip
+def agreement_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The agreement rows as a table; a `recipe` column when the rows carry one."""
+    recipe = "recipe" in rows[0]
+    lines = [("| recipe " if recipe else "") + "| decoder | exact | token agreement "
+             "| shared prefix | tokens/forward | tokens/s | x original AR |",
+             "|---" * (7 + recipe) + "|"]  # fmt: skip
     for r in rows:
         lines.append(
-            (f"| {recipe} " if recipe else "")
+            (f"| {r['recipe']} " if recipe else "")
             + f"| {r['decoder']} | {r['exact']:.3f} | {r['token_agreement']:.3f} "
             f"| {r['shared_prefix']:.3f} | {r['tokens_per_forward']:.2f} "
             f"| {r['tokens_per_second']:.1f} | {r['speed_vs_original_ar']:.2f} |"
@@ -354,11 +356,11 @@ def recipes_compared(measured: dict[str, dict[str, Any]]) -> list[str]:
             f"| {after['ar_perplexity']:.2f} | {after['bd_perplexity']:.2f} |"
         )
     rows = [
-        line
-        for i, (recipe, runs) in enumerate(measured.items())
-        for line in agreement_table(runs["measure"]["rows"], recipe)[0 if i == 0 else 2 :]
+        {"recipe": recipe, **row}
+        for recipe, runs in measured.items()
+        for row in runs["measure"]["rows"]
     ]
-    lines += ["", *rows, ""]
+    lines += ["", *agreement_table(rows), ""]
     for recipe, runs in list(measured.items())[1:]:
         lines += [f"### Side by side: {recipe}", "", *side_by_side(runs["measure"])]
     return lines
