@@ -58,9 +58,13 @@ class Study:
                    f"paths.export_dir={export}")  # fmt: skip
         return export
 
+    def eval_dir(self, out: Path) -> Path:
+        """The run directory (git-ignored) of the evaluation whose metrics are kept as `out`."""
+        return self.runs / "eval" / out.relative_to(self.metrics).with_suffix("")
+
     def evaluate(self, export: Path, out: Path, *overrides: str) -> None:
         """`src.eval` on the whole synthetic test split; its metrics.json is kept as `out`."""
-        run_dir = self.runs / "eval" / out.relative_to(self.metrics).with_suffix("")
+        run_dir = self.eval_dir(out)
         python("-m", "src.eval", f"ckpt={export}", "benchmark=synthetic", *overrides,
                f"hydra.run.dir={run_dir}")  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,16 +6,18 @@
 
 Every run is `python -m src.train experiment=recipe/<name> seed=<k>` (conf/experiment/recipe/:
 the paper's recipe, position-dependent masking at two tilts and with a resampled second view,
-distillation at two weights, a combination, the AR term, and the AR fine-tune), 900 steps from
-the same AR-init (`artifacts/tiny_ar`), into `runs/<name>/seed<k>/` (git-ignored). Measured on
-all 200 test problems, sub-block 8: exact match at threshold 0.9 and 1.0 (`src.eval`, batch 8,
-per task family, tokens per step), the teacher-forced arithmetic probe per step
-(`experiments/tiny_repro/probe_arithmetic.py`), AR-relative tokens/s side by side in one
-process (`src.bench decode`, batch 1, against the AR fine-tune of the same seed), the
-train-step cost of the options with an extra forward (`src.bench train`), and seed 0's answers
-to a few prompts in and outside the corpus (`ANSWER_PROMPTS`) from the paper's recipe, the best
-option and the AR fine-tune. Cheapest and most central first: every run of seed 0, then the
-other seeds; a measurement whose JSON is in `metrics/` is skipped.
+distillation at two weights, the AR term at two weights, combinations, and the AR fine-tune),
+900 steps from the same AR-init (`artifacts/tiny_ar`), into `runs/<name>/seed<k>/`
+(git-ignored). Measured on all 200 test problems, sub-block 8: exact match at threshold 0.9
+and 1.0 (`src.eval`, batch 8, per task family, tokens per step; the wrong answers are kept in
+`metrics/wrong/`, and `errors.py` names where each arithmetic one first goes wrong), the
+teacher-forced arithmetic probe per step (`experiments/tiny_repro/probe_arithmetic.py`),
+AR-relative tokens/s side by side in one process (`src.bench decode`, batch 1, against the AR
+fine-tune of the same seed), the train-step cost of the options with an extra forward
+(`src.bench train`), and seed 0's answers to a few prompts in and outside the corpus
+(`ANSWER_PROMPTS`) from the paper's recipe, the best option and the AR fine-tune. Cheapest and
+most central first: every run of seed 0, then the other seeds; a measurement whose JSON is in
+`metrics/` is skipped.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from experiments.recipe.errors import KINDS, first_error
 from experiments.study import Study, main, mean, mean_spread, python
+from src.data.jsonl import read_jsonl, write_jsonl
 from src.data.synthetic import TASKS
 from src.decoding import Chat, DecodeSettings, load_decoder
 
@@ -40,6 +44,9 @@ RUNS = {
     "combo": "+ tilt 1.0 and distillation 1.0",
     "ar05": "+ AR term on x_0, weight 0.5",
     "ar10": "+ AR term on x_0, weight 1.0",
+    "ar05_tilt05": "+ AR term 0.5 and tilt 0.5",
+    "ar05_tilt10": "+ AR term 0.5 and tilt 1.0",
+    "ar05_distill05": "+ AR term 0.5 and distillation 0.5",
 }
 THRESHOLDS = (0.9, 1.0)
 # The train bench of each option with an extra forward (its row beside AR, 4L and 3L).
@@ -59,6 +66,10 @@ def measure(name: str, seed: int) -> None:
         out = METRICS / "eval" / f"{name}_t{t}_seed{seed}.json"
         if not out.exists():
             STUDY.evaluate(STUDY.fine_tune(name, seed), out, SUB_BLOCK, f"decode.threshold={t}")
+        wrong = METRICS / "wrong" / f"{out.stem}.jsonl"  # the few wrong answers, to read
+        if not wrong.exists():
+            samples = read_jsonl(STUDY.eval_dir(out) / "samples.jsonl")
+            write_jsonl(wrong, [s for s in samples if not s["score"]])
     probe = METRICS / "probe" / f"{name}_seed{seed}.json"
     if not probe.exists():
         python("-m", "experiments.tiny_repro.probe_arithmetic", str(STUDY.fine_tune(name, seed)),
@@ -145,6 +156,20 @@ def summarise() -> str:
         ]
         cells = [mean_spread([p[k] for p in probes]) for k in range(3)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## Where the wrong arithmetic answers first go wrong (`errors.py`; t=0.9, "
+              "summed over the seeds; 50 arithmetic problems per seed)", "",
+              "| recipe | seeds | wrong | " + " | ".join(KINDS) + " |",
+              "|---|---|---|" + "---|" * len(KINDS)]  # fmt: skip
+    for name, label in RUNS.items():
+        files = sorted(METRICS.glob(f"wrong/{name}_t0.9_seed*.jsonl"))
+        kinds = [
+            first_error(s["prompt"], s["response"])
+            for wrong in files
+            for s in read_jsonl(wrong)
+            if s["task"] == "arithmetic"
+        ]
+        counts = " | ".join(str(kinds.count(k)) for k in KINDS)
+        lines.append(f"| {label} | {len(files)} | {len(kinds)} | {counts} |")
     # One row per objective, the first bench's where several measured it; every ratio is to
     # the AR and 3L steps of the same bench run.
     rows = {
