@@ -12,8 +12,9 @@ Self-distillation on SmolLM2-135M-Instruct (`experiment=smollm2`):
    limit, not the model, stopped;
 3. fine-tune: `python -m src.train experiment=smollm2_study/<recipe>` on the train answers
    into `runs/<recipe>/` (git-ignored; it resumes from its last checkpoint). Recipes are the
-   config files of conf/experiment/smollm2_study/: `bd` (the paper's recipe) and `bd_ar`
-   (+ the AR term, the recipe study's best option);
+   config files of conf/experiment/smollm2_study/: `bd` (the paper's recipe), `bd_ar`
+   (+ the AR term, the recipe study's best option) and `bd_ar_distill` (+ distillation from
+   the original model);
 4. measure on the held-out prompts, all decoders interleaved prompt by prompt in one process
    (batch 1, greedy): how often cached parallel decoding reproduces the original model's AR
    answer (exact, and token agreement), tokens per forward and tokens/s against the original's
@@ -49,7 +50,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RUNS, METRICS = HERE / "runs", HERE / "metrics"
 # Every fine-tune (conf/experiment/smollm2_study/<recipe>.yaml) reads its chats from runs/data/.
-RECIPES = {"bd": "paper's recipe", "bd_ar": "+ AR term, weight 0.5"}
+RECIPES = {
+    "bd": "paper's recipe",
+    "bd_ar": "+ AR term, weight 0.5",
+    "bd_ar_distill": "+ AR term 0.5 and distillation 0.5",
+}
 DATA = RUNS / "data"
 
 PROMPT_TEMPLATES = (
@@ -166,6 +171,7 @@ def fine_tune(recipe: str) -> None:
     write_json(out, {"steps": cfg.trainer.max_steps, "lr": cfg.optim.lr,
                      "batch_size": cfg.data.batch_size,
                      "ar_weight": cfg.diffusion.ar_weight,
+                     "distill_weight": cfg.diffusion.distill_weight,
                      "minutes": (time.perf_counter() - started) / 60})  # fmt: skip
 
 
