@@ -18,7 +18,7 @@ def test_a_correct_answer_has_no_error():
 
 @pytest.mark.parametrize(
     ("prompt", "response", "kind"),
-    [  # wrong answers decoded by the recipe study's AR-term runs (t=0.9)
+    [  # the first three were decoded by the recipe study's AR-term runs; the rest are edits
         ("Compute 7 - 2 - 3 + 6", "7 - 2 = 5. 5 - 3 = 2. 3 + 6 = 8. The answer is 8.", "carry"),
         ("Compute 5 + 1 - 5 + 7", "5 + 1 = 6. 6 - 5 = 1. 1 + 7 = 8. The answer is 7.", "carry"),
         ("Compute 5 + 3 - 8 + 3", "5 + 3 = 9. 9 - 8 = 1. 1 + 3 = 4. The answer is 4.", "compute"),
