@@ -16,24 +16,26 @@ from __future__ import annotations
 
 import re
 
+from experiments.tiny_repro.probe_arithmetic import STEPS
+
 KINDS = ("carry", "read", "compute", "format")
-_PROMPT = re.compile(r"Compute (\d)((?: [+-] \d){3})")
-_ANSWER = re.compile(r"(\d) ([+-]) (\d) = (\d+)\. (\d) ([+-]) (\d) = (\d+)\. (\d) ([+-]) (\d) = "
-                     r"(\d+)\. The answer is (\d+)\.")  # fmt: skip
+_PROMPT = re.compile(rf"Compute (\d)((?: [+-] \d){{{STEPS}}})")
+_STEP = r"(\d) ([+-]) (\d) = (\d+)\. "  # left, op, right, result
+_ANSWER = re.compile(_STEP * STEPS + r"The answer is (\d+)\.")
 
 
 def first_error(prompt: str, response: str) -> str | None:
     """The kind (`KINDS`) of the first error in `response` to the arithmetic `prompt`; None
     when it has none."""
     asked = _PROMPT.search(prompt)
-    written = _ANSWER.fullmatch(response.strip())
     if asked is None:
         raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    written = _ANSWER.fullmatch(response.strip())
     if written is None:
         return "format"
     terms = asked.group(2).split()  # ["+", "3", "-", "5", ...]
     carried = asked.group(1)  # step 1's left operand is read from the prompt
-    for k in range(3):
+    for k in range(STEPS):
         left, op, right, result = written.groups()[4 * k : 4 * k + 4]
         if left != carried:
             return "read" if k == 0 else "carry"
@@ -42,4 +44,4 @@ def first_error(prompt: str, response: str) -> str | None:
         if int(result) != (int(left) + int(right) if op == "+" else int(left) - int(right)):
             return "compute"
         carried = result
-    return "carry" if written.group(13) != carried else None
+    return "carry" if written.groups()[-1] != carried else None
