@@ -14,7 +14,7 @@ from src.data.sft import build_sft_dataset, pack, render_chat
 from src.data.synthetic import TASKS, exact_match, generate_split, split_of
 from src.data.tokenizer import IM_END, IM_START, synthetic_tokenizer, train_tokenizer
 from src.diffusion.loss import IGNORE_INDEX
-from src.model import MASK_TOKEN, mask_token_id_of
+from src.model import MASK_TOKEN, mask_token_id_of, stop_token_of
 
 SEQ_LEN, BLOCK = 256, 32
 
@@ -96,6 +96,24 @@ def test_tokenizer_specials_digits_and_template(tok):
     assert prompt.endswith("<|im_start|>assistant\n")
     text = "Compute 3 + 4. <|im_start|>|<MASK>|"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_stop_token_is_what_ends_an_assistant_turn_not_eos(tok):
+    # A base checkpoint's eos (Qwen2.5: <|endoftext|>) differs from the token closing a turn.
+    base = train_tokenizer(0)
+    base.eos_token = base.pad_token
+    assert base.eos_token != IM_END
+    assert stop_token_of(base) == (IM_END, base.convert_tokens_to_ids(IM_END))
+    item = generate_split("train", 1)[0]
+    _, labels = render_chat(base, item["messages"])
+    assert _supervised_text(base, labels) == item["answer"] + IM_END
+    # A template whose turns end with plain text gives no stop token: one line, not a guess.
+    base.chat_template = "{% for m in messages %}{{ m['content'] + '\\n\\n' }}{% endfor %}"
+    with pytest.raises(ConfigError, match="not a special token"):
+        stop_token_of(base)
+    base.chat_template = None
+    with pytest.raises(ConfigError, match="no chat_template"):
+        stop_token_of(base)
 
 
 def test_tokenizer_training_is_deterministic_and_cached(tmp_path, tok):

@@ -44,7 +44,14 @@ from src.data.jsonl import read_jsonl, write_jsonl
 from src.data.sft import build_sft_dataset
 from src.decoding import Decoder, DecodeSettings, GenerationResult, chat_prompt_ids, make_decoder
 from src.diffusion import ar_loss, block_diffusion_loss
-from src.model import Export, build_tokenizer, load_export, mask_token_id_of, model_from_config
+from src.model import (
+    Export,
+    build_tokenizer,
+    load_export,
+    mask_token_id_of,
+    model_from_config,
+    stop_token_of,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -104,7 +111,7 @@ def original_model() -> Export:
     model = model_from_config(tokenizer, cfg.model).eval()
     settings = {
         "mask_token_id": mask_token_id_of(tokenizer),
-        "stop_token_id": tokenizer.eos_token_id,
+        "stop_token_id": stop_token_of(tokenizer)[1],
         "block_size": cfg.diffusion.block_size,
     }
     return Export(model, tokenizer, settings)

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from src.config import ConfigError
 from src.diffusion.loss import IGNORE_INDEX
-from src.model.tokenizer import mask_token_id_of
+from src.model.tokenizer import mask_token_id_of, stop_token_of
 
 if TYPE_CHECKING:
     import datasets
@@ -26,14 +26,14 @@ log = logging.getLogger(__name__)
 
 
 def check_chat_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
-    """ConfigError unless `tokenizer` can render chats and has a stop (eos) token."""
+    """ConfigError unless `tokenizer` can render chats whose assistant turns end with a stop
+    token (`stop_token_of`)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             "tokenizer has no chat_template; set tokenizer.chat_template to a ChatML template "
             "(e.g. src.data.tokenizer.CHAT_TEMPLATE) or use an instruct model's tokenizer"
         )
-    if tokenizer.eos_token is None:
-        raise ConfigError("tokenizer has no eos_token; set it to the stop token (e.g. <|im_end|>)")
+    stop_token_of(tokenizer)
 
 
 def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping]) -> list:
@@ -44,6 +44,7 @@ def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapp
     the start). This works for any template that renders prefixes of a chat as prefixes.
     """
     full = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    stop_token, _ = stop_token_of(tokenizer)
     spans = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -57,8 +58,8 @@ def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapp
                 "the chat template does not render a conversation's prefixes as prefixes; "
                 "use a ChatML-style template"
             )
-        stop = upto.find(tokenizer.eos_token, len(prompt))
-        end = len(upto) if stop < 0 else stop + len(tokenizer.eos_token)
+        stop = upto.find(stop_token, len(prompt))
+        end = len(upto) if stop < 0 else stop + len(stop_token)
         spans.append((len(prompt), end))
     return spans
 

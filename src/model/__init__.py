@@ -9,6 +9,7 @@ from src.model.tokenizer import (
     ensure_mask_token,
     load_tokenizer,
     mask_token_id_of,
+    stop_token_of,
     tokenizer_fingerprint,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "model_from_config",
     "read_settings",
     "save_export",
+    "stop_token_of",
     "tokenizer_fingerprint",
 ]

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from src.diffusion import ar_loss, block_diffusion_loss
-from src.model import MASK_TOKEN, model_from_config, tokenizer_fingerprint
+from src.model import MASK_TOKEN, model_from_config, stop_token_of, tokenizer_fingerprint
 from src.training.zero import hf_deepspeed_config
 
 # The `diffusion` keys of SPEC section 5 that the loss takes as they are.
@@ -132,13 +132,13 @@ class DiffusionLM(L.LightningModule):
 
     def export_settings(self) -> dict[str, Any]:
         """What `diffusion.json` records: decoding must match how the weights were trained."""
-        tok = self.tokenizer
+        stop_token, stop_token_id = stop_token_of(self.tokenizer)
         return {
             **self.diffusion,
             "mask_token": MASK_TOKEN,
             "mask_token_id": self.mask_token_id,
-            "stop_token": tok.eos_token,
-            "stop_token_id": tok.eos_token_id,
+            "stop_token": stop_token,
+            "stop_token_id": stop_token_id,
             "trained_steps": self.global_step,
             "init": self.model_cfg.get("pretrained") or "scratch",
         }
