@@ -53,7 +53,10 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
         **evaluation.metrics(metric),
         **({"by_task": by_task} if (by_task := evaluation.by_task()) else {}),
         **({"code_execution": execution} if (execution := benchmark.execution()) else {}),
-        "ckpt": os.path.abspath(cfg.ckpt),
+        # A hub id as given (its snapshot folder is the hub cache's business).
+        "ckpt": os.path.abspath(cfg.ckpt) if os.path.exists(cfg.ckpt) else cfg.ckpt,
+        # A checkpoint this pipeline did not write (src.model.released): its format.
+        **({"imported": imported} if (imported := decoder.export.settings.get("imported")) else {}),
         "decoder": cfg.decoder,
         "decode": decoder.settings.as_dict(),
         "batch_size": cfg.batch_size,
