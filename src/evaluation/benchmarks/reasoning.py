@@ -1,8 +1,10 @@
 """GSM8K and MATH (MATH-500 style): step-by-step prompts, ``\\boxed{}`` answers, normalisation.
 
-Both use the paper's prompt: the question, then "Please reason step by step, and put your final
-answer within \\boxed{}." A response is correct when its extracted final answer equals the
-reference after normalisation (numerically for numbers).
+Both use the released protocol's prompt (SPEC 4.1): lm-eval's prompt of the task (``gsm8k``,
+``minerva_math``) with its trailing "Answer:" / "Solution:" cue replaced by "Please reason step
+by step, and put your final answer within \\boxed{}."; ``prompt`` (conf/benchmark/<name>.yaml)
+is that template, its ``{field}``s filled from the problem. A response is correct when its
+extracted final answer equals the reference after normalisation (numerically for numbers).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import re
 from src.evaluation.benchmarks.base import Benchmark
 
 STEP_BY_STEP = "Please reason step by step, and put your final answer within \\boxed{}."
+# The templates' braces are str.format's: "{{}}" is a literal "{}".
+_CUE = STEP_BY_STEP.replace("{}", "{{}}")
+GSM8K_PROMPT = "Question: {question}\n" + _CUE
+MATH_PROMPT = "Problem:\n{problem}\n\n" + _CUE
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
 
 
@@ -72,8 +78,12 @@ class GSM8K(Benchmark):
 
     name = "gsm8k"
 
+    def __init__(self, *, prompt: str = GSM8K_PROMPT, **options: object) -> None:
+        super().__init__(**options)
+        self.prompt = prompt
+
     def messages(self, problem: dict) -> list[dict[str, str]]:
-        return [{"role": "user", "content": f"{problem['question']}\n{STEP_BY_STEP}"}]
+        return [{"role": "user", "content": self.prompt.format(**problem)}]
 
     def score(self, problem: dict, response: str) -> bool:
         return numbers_equal(extract_gsm8k_answer(response), gsm8k_reference(problem["answer"]))
@@ -134,8 +144,12 @@ class MATH(Benchmark):
 
     name = "math"
 
+    def __init__(self, *, prompt: str = MATH_PROMPT, **options: object) -> None:
+        super().__init__(**options)
+        self.prompt = prompt
+
     def messages(self, problem: dict) -> list[dict[str, str]]:
-        return [{"role": "user", "content": f"{problem['problem']}\n{STEP_BY_STEP}"}]
+        return [{"role": "user", "content": self.prompt.format(**problem)}]
 
     def score(self, problem: dict, response: str) -> bool:
         reference = problem.get("answer") or extract_boxed(problem.get("solution", ""))
