@@ -100,6 +100,23 @@ def test_the_table_shows_missing_and_failed_rows_as_such(tmp_path: Path, monkeyp
     assert json.loads((tmp_path / "out" / "table1.json").read_text()) == table
 
 
+def test_the_command_defaults_to_every_row_under_the_protocol(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("paper", ["ckpt=bd", "ar_ckpt=ar"])
+    assert list(cfg.decoders) == ["diffusion", "ar"] and cfg.published == "7B"
+    assert [*cfg.benchmarks, *cfg.lm_eval] == [
+        *("humaneval", "mbpp", "gsm8k", "math"),
+        *("ifeval", "mmlu", "gpqa"),
+    ]
+    for benchmark in cfg.benchmarks.values():
+        assert dict(benchmark.decode) == {"max_new_tokens": 2048, "threshold": 1.0}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        bad = compose("paper", ["ckpt=bd", "ar_ckpt=ar", "decoders=[diffusion,beam]"])
+    with pytest.raises(ConfigError, match="decoder='beam'"):
+        run_paper(bad, str(tmp_path))
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("paper")
