@@ -17,7 +17,7 @@ from transformers import Qwen2ForCausalLM
 
 from src.config import ConfigError
 from src.decoding import load_decoder
-from src.model import MASK_TOKEN, read_settings
+from src.model import MASK_TOKEN, build_model, load_tokenizer, read_settings
 from tests.conftest import ROOT, run_train
 from tests.fixtures.exports import DECODE
 from tests.fixtures.released import make_released, publish_to_hub_cache
@@ -118,6 +118,8 @@ def test_src_eval_fetches_a_hub_id_through_the_hub_cache(folders, tmp_path, monk
     assert metrics["ckpt"] == HUB_ID and metrics["num_scored"] == 3
     assert metrics["imported"]["format"] == "fast_dllm_v2"
     assert metrics["decode"]["block_size"] == BLOCK
+    # model.pretrained=<hub id> reads the same way (the config through hf_hub_download).
+    assert build_model(load_tokenizer(HUB_ID), pretrained=HUB_ID).config.model_type == "qwen2"
     with pytest.raises(ConfigError, match="no hub model of that id could be fetched"):
         read_settings("fast-dllm-test/no-such-model")  # offline, and not in any cache
 

@@ -96,7 +96,8 @@ def _greedy(
     tokens: list[list[int]] = [[] for _ in prompt_ids]
     while True:
         seq.scatter_(1, pos[:, None], token[:, None])
-        done = (token == stop_token_id) | (pos - plen + 1 >= max_new_tokens)  # [n]
+        # Rows advance in lockstep: each has `forwards` new tokens, the newest at `pos`.
+        done = (token == stop_token_id) | (forwards >= max_new_tokens)  # [n]
         if done.any():
             for row in done.nonzero()[:, 0].tolist():
                 tokens[int(ids[row])] = seq[row, int(plen[row]) : int(pos[row]) + 1].tolist()
@@ -105,7 +106,7 @@ def _greedy(
                 return tokens, forwards
             seq, pos, plen, ids = seq[keep], pos[keep], plen[keep], ids[keep]
             cache.select_rows(keep)
-        token = _argmax(
-            forward(pos[:, None], int(pos.max()) + 1, torch.zeros_like(pos)[:, None]), vocab_limit
-        )
+        # Slots up to the longest row's newest token (a shorter row masks the rest).
+        logits = forward(pos[:, None], width + forwards, torch.zeros_like(pos)[:, None])
+        token = _argmax(logits, vocab_limit)
         forwards, pos = forwards + 1, pos + 1
