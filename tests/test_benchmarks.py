@@ -279,7 +279,7 @@ def _eval_cfg(ckpt: Path, *overrides: str) -> DictConfig:
 CODE_RUN = ["limit=1", "batch_size=1", "decode.max_new_tokens=8", "decode.sub_block_size=4"]
 
 
-@pytest.mark.parametrize("name", ["humaneval", "mbpp"])
+@pytest.mark.parametrize("name", ["humaneval", "mbpp", "humaneval_plus", "mbpp_plus"])
 def test_code_benchmarks_refuse_to_start_without_bwrap(no_bwrap: None, name: str) -> None:
     bench = get(name)
     with pytest.raises(ConfigError) as error:
