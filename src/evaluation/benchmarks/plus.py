@@ -89,7 +89,10 @@ class _PlusBenchmark(_CodeBenchmark):
             if field not in record:
                 raise ValueError(f"{field}: missing (not an EvalPlus {self.release} record?)")
             if not isinstance(record[field], types):
-                raise ValueError(f"{field}: {type(record[field]).__name__}, not {types}")
+                names = " or ".join(
+                    t.__name__ for t in (types if isinstance(types, tuple) else (types,))
+                )
+                raise ValueError(f"{field}: {type(record[field]).__name__}, not {names}")
 
     def execution(self) -> dict[str, object]:
         from evalplus import __version__
