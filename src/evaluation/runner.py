@@ -28,7 +28,7 @@ from src.evaluation.benchmarks import Benchmark
 log = logging.getLogger(__name__)
 
 # Benchmarks scored by running the program: their accuracy is pass@1 (greedy, one sample).
-CODE_BENCHMARKS = ("humaneval", "mbpp")
+CODE_BENCHMARKS = ("humaneval", "mbpp", "humaneval_plus", "mbpp_plus")
 
 
 def metric_name(benchmark: Benchmark) -> str:
@@ -38,13 +38,21 @@ def metric_name(benchmark: Benchmark) -> str:
 def render_prompts(
     tokenizer: PreTrainedTokenizerBase, benchmark: Benchmark, problems: Sequence[dict]
 ) -> list[str]:
-    """Each problem's chat prompt as text, ending with the assistant header."""
-    return [
-        tokenizer.apply_chat_template(
-            benchmark.messages(problem), tokenize=False, add_generation_prompt=True
+    """Each problem's chat prompt as text, ending with the assistant header, or inside the
+    assistant's turn where the benchmark opens it (EvalPlus: "... tests:\n```python\n")."""
+    texts = []
+    for problem in problems:
+        messages = benchmark.messages(problem)
+        opened = messages[-1]["role"] == "assistant"
+        texts.append(
+            tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=not opened,
+                continue_final_message=opened,
+            )
         )
-        for problem in problems
-    ]
+    return texts
 
 
 def check_context(decoder: Decoder, benchmark: Benchmark, problems: Sequence[dict]) -> None:

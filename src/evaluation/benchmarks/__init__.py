@@ -1,6 +1,6 @@
 """Evaluation benchmarks: ``get(name, **options)`` -> ``check``, ``load``, ``messages``, ``score``.
 
-Names: gsm8k, math, humaneval, mbpp, synthetic. Options are those of ``conf/benchmark/<name>.yaml``
+Names: gsm8k, math, humaneval, mbpp, humaneval_plus, mbpp_plus, synthetic. Options are those of ``conf/benchmark/<name>.yaml``
 (``path``, ``hub_name``, ``hub_config``, ``split``, ``limit``, plus per-benchmark ones), so Hydra
 can build one with ``hydra.utils.instantiate(cfg.benchmark)``::
 
@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from src.evaluation.benchmarks.base import Benchmark
 from src.evaluation.benchmarks.code import MBPP, HumanEval
+from src.evaluation.benchmarks.plus import HumanEvalPlus, MBPPPlus
 from src.evaluation.benchmarks.reasoning import GSM8K, MATH
 from src.evaluation.benchmarks.synthetic import Synthetic
 
 BENCHMARKS: dict[str, type[Benchmark]] = {
-    cls.name: cls for cls in (GSM8K, MATH, HumanEval, MBPP, Synthetic)
+    cls.name: cls for cls in (GSM8K, MATH, HumanEval, MBPP, HumanEvalPlus, MBPPPlus, Synthetic)
 }
 NAMES: tuple[str, ...] = tuple(BENCHMARKS)
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from src.config import ConfigError
 from src.evaluation.benchmarks.base import Benchmark, check_pairs
-from src.evaluation.sandbox import SandboxUnavailable, confinement, run_many
+from src.evaluation.sandbox import ExecResult, SandboxUnavailable, confinement, run_many
 
 _OPT_IN = "benchmark.allow_unconfined=true"
 
@@ -103,7 +103,11 @@ class _CodeBenchmark(Benchmark):
             memory_mb=self.memory_mb,
             allow_unconfined=self.allow_unconfined,
         )
-        return [result.passed for result in results]
+        return [self.passed(p, r) for p, r in zip(problems, results, strict=True)]
+
+    def passed(self, problem: dict, result: ExecResult) -> bool:
+        """Whether a program's run solved ``problem``: it exited 0 in time."""
+        return result.passed
 
 
 class HumanEval(_CodeBenchmark):

@@ -1,15 +1,18 @@
-"""GSM8K and MATH (MATH-500 style): step-by-step prompts, ``\\boxed{}`` answers, normalisation.
+"""GSM8K and MATH (MATH-500 style): step-by-step prompts, ``\\boxed{}`` answers.
 
 Both use the released protocol's prompt (SPEC 4.1): lm-eval's prompt of the task (``gsm8k``,
 ``minerva_math``) with its trailing "Answer:" / "Solution:" cue replaced by "Please reason step
 by step, and put your final answer within \\boxed{}."; ``prompt`` (conf/benchmark/<name>.yaml)
-is that template, its ``{field}``s filled from the problem. A response is correct when its
-extracted final answer equals the reference after normalisation (numerically for numbers).
+is that template, its ``{field}``s filled from the problem. A GSM8K response is correct when
+its final number equals the reference's; a MATH response when math-verify finds its final
+answer equivalent to the reference.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+from typing import ClassVar
 
 from src.evaluation.benchmarks.base import Benchmark
 
@@ -96,53 +99,35 @@ def gsm8k_reference(answer: str) -> str:
     return answer.rsplit("####", 1)[1].strip().replace(",", "")
 
 
-def _unwrap(text: str, command: str) -> str:
-    """``\\command{x}`` -> ``x`` everywhere (braces balanced)."""
-    while (start := text.find(command + "{")) >= 0:
-        depth, i = 0, start + len(command)
-        for i in range(start + len(command), len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                break
-        text = text[:start] + text[start + len(command) + 1 : i] + text[i + 1 :]
-    return text
+def math_equal(response: str, reference: str) -> bool:
+    """Whether the final answer of ``response`` (its last ``\\boxed{}``, else its last stated
+    answer) equals the LaTeX ``reference``, by math-verify: numeric, symbolic, set and interval
+    equality, with units and ``\\text{}`` dropped (as lm-eval's ``minerva_math`` uses it).
 
+    math-verify bounds parsing and comparing with ``signal.alarm``, which only the main thread
+    may set; elsewhere it would quietly answer False, so this raises instead."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("math-verify's timeouts need the main thread; score MATH there")
+    from math_verify import parse, verify
 
-def normalize_math(answer: str) -> str:
-    """Canonical form of a LaTeX answer for string comparison (Hendrycks-style, simplified)."""
-    text = answer.strip().replace("\n", "")
-    text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    text = text.replace("\\left", "").replace("\\right", "")
-    for command in ("\\text", "\\textbf", "\\mbox", "\\mathrm"):
-        text = _unwrap(text, command)
-    for junk in ("\\!", "\\,", "\\;", "\\:", "\\$", "$", "\\%", "%", "^\\circ", "^{\\circ}"):
-        text = text.replace(junk, "")
-    text = re.sub(r"\s+", "", text)
-    # "x=5" -> "5" when the left side is a single symbol.
-    text = re.sub(r"^[a-zA-Z]=", "", text)
-    # Shorthand arguments: "\frac12" -> "\frac{1}{2}", "\sqrt2" -> "\sqrt{2}".
-    text = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", text)
-    text = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", text)
-    text = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", text)
-    # Plain integer ratios "1/2" -> "\frac{1}{2}"; ".5" -> "0.5"; "2.0" -> "2".
-    text = re.sub(r"^(-?\d+)/(\d+)$", r"\\frac{\1}{\2}", text)
-    text = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", text)
-    text = re.sub(r"^(-?\d+)\.0+$", r"\1", text)
-    return text.rstrip(".")
-
-
-def math_equal(predicted: str | None, reference: str) -> bool:
-    """Equal after ``normalize_math``, or numerically equal when both are plain numbers."""
-    if predicted is None:
-        return False
-    a, b = normalize_math(predicted), normalize_math(reference)
-    return a == b or (parse_number(a) is not None and numbers_equal(a, b))
+    return verify(parse(f"${reference}$"), parse(response))
 
 
 class MATH(Benchmark):
     """Competition math (MATH-500 fields: problem, answer or a solution with ``\\boxed{}``)."""
 
     name = "math"
+    required_fields: ClassVar[dict[str, type | tuple[type, ...]]] = {"problem": str}
+
+    def check_record(self, record: dict) -> None:
+        """A ``problem``, and a reference: an ``answer``, or a ``solution`` with a ``\\boxed{}``."""
+        if not isinstance(record.get("problem"), str):
+            raise ValueError("problem: missing or not a string")
+        if isinstance(record.get("answer"), str) and record["answer"].strip():
+            return
+        solution = record.get("solution")
+        if not isinstance(solution, str) or extract_boxed(solution) is None:
+            raise ValueError("answer: missing, and no solution with a \\boxed{} answer")
 
     def __init__(self, *, prompt: str = MATH_PROMPT, **options: object) -> None:
         super().__init__(**options)
@@ -157,4 +142,4 @@ class MATH(Benchmark):
             raise ValueError(
                 "MATH problem without 'answer' or boxed 'solution'; check benchmark.path"
             )
-        return math_equal(extract_boxed(response), reference)
+        return math_equal(response, reference)
