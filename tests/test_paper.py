@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from src.config import ConfigError
 from src.evaluation.paper import run_paper
-from src.evaluation.table import PUBLISHED, markdown, read_table
+from src.evaluation.table import PUBLISHED, ROWS, markdown, read_table
 from tests.conftest import ROOT
 from tests.fixtures.exports import make_export
 
@@ -22,6 +22,7 @@ GSM8K_ROWS = [
     {"question": "Tom has 3 apples and buys 4. How many?", "answer": "#### 7"},
     {"question": "What is 2 times 5?", "answer": "#### 10"},
 ]
+ROWS_CODE = ("humaneval", "humaneval_plus", "mbpp", "mbpp_plus")
 MATH_ROWS = [
     {"problem": "What is $1+1$?", "answer": "2"},
     {"problem": "Simplify $\\frac{2}{4}$.", "answer": "\\frac{1}{2}"},
@@ -104,12 +105,17 @@ def test_the_command_defaults_to_every_row_under_the_protocol(tmp_path: Path) ->
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("paper", ["ckpt=bd", "ar_ckpt=ar"])
     assert list(cfg.decoders) == ["diffusion", "ar"] and cfg.published == "7B"
-    assert [*cfg.benchmarks, *cfg.lm_eval] == [
-        *("humaneval", "mbpp", "gsm8k", "math"),
-        *("ifeval", "mmlu", "gpqa"),
-    ]
+    assert [*cfg.benchmarks, *cfg.lm_eval] == [row for row, _ in ROWS]
     for benchmark in cfg.benchmarks.values():
         assert dict(benchmark.decode) == {"max_new_tokens": 2048, "threshold": 1.0}
+    # The code columns are EvalPlus's: its base tests for HumanEval and MBPP, all for the "+".
+    code = {row: (cfg.benchmarks[row].name, cfg.benchmarks[row].tests) for row in ROWS_CODE}
+    assert code == {
+        "humaneval": ("humaneval_plus", "base"),
+        "humaneval_plus": ("humaneval_plus", "plus"),
+        "mbpp": ("mbpp_plus", "base"),
+        "mbpp_plus": ("mbpp_plus", "plus"),
+    }
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         bad = compose("paper", ["ckpt=bd", "ar_ckpt=ar", "decoders=[diffusion,beam]"])
     with pytest.raises(ConfigError, match="decoder='beam'"):
@@ -128,8 +134,9 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def paper_cfg(root: Path, *overrides: str):
-    """The CPU version of the paper's command: the tiny exports, two problems of GSM8K and
-    MATH (local files), an lm-eval multiple-choice fixture as the MMLU row, 16 new tokens."""
+    """The CPU version of the paper's command: the tiny exports, two problems of HumanEval+
+    (EvalPlus's format, in the sandbox), GSM8K and MATH (local files), lm-eval fixtures as the
+    IFEval and MMLU (2-shot, multi-turn) rows, 16 new tokens."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(
             "paper",
@@ -142,12 +149,14 @@ def paper_cfg(root: Path, *overrides: str):
                 "batch_size=2",
                 "~benchmarks.humaneval",
                 "~benchmarks.mbpp",
+                "~benchmarks.mbpp_plus",
+                f"benchmarks.humaneval_plus.path={ROOT}/tests/fixtures/evalplus/HumanEvalPlus.jsonl",
                 f"benchmarks.gsm8k.path={root}/gsm8k.jsonl",
                 f"benchmarks.math.path={root}/math.jsonl",
-                "~lm_eval.ifeval",
                 "~lm_eval.gpqa",
-                "lm_eval.mmlu.task=fast_dllm_synthetic_mc",
-                "lm_eval.mmlu.num_fewshot=0",
+                "lm_eval.ifeval.task=ifeval_fast_dllm_fixture",
+                "lm_eval.mmlu.task=mmlu_fast_dllm_fixture",
+                "lm_eval.mmlu.num_fewshot=2",
                 f"lm_eval_include_path={ROOT}/tests/fixtures/lm_eval",
                 *overrides,
             ],
@@ -166,7 +175,7 @@ def test_one_command_runs_every_row_and_decoder(inputs: Path, tmp_path: Path, mo
     table = json.loads((tmp_path / "table1.json").read_text())
     assert table_md.read_text() == markdown(table)
     cells = {r["row"]: r["cells"] for r in table["rows"]}
-    for row in ("gsm8k", "math"):
+    for row in ("humaneval_plus", "gsm8k", "math"):
         for decoder, ckpt in (("diffusion", "bd"), ("ar", "ar")):
             metrics = json.loads((tmp_path / row / decoder / "metrics.json").read_text())
             assert metrics["decoder"] == decoder and metrics["ckpt"] == str(inputs / ckpt)
@@ -176,13 +185,18 @@ def test_one_command_runs_every_row_and_decoder(inputs: Path, tmp_path: Path, mo
             assert metrics["decode"]["threshold"] == 1.0
             assert cells[row][decoder]["source"] == "src.eval"
             assert (tmp_path / row / decoder / "samples.jsonl").is_file()
-    assert {d: cells["mmlu"][d]["source"] for d in ("diffusion", "ar")} == {
-        "diffusion": "lm_eval",
-        "ar": "lm_eval",
-    }
-    for row in ("humaneval", "mbpp", "ifeval", "gpqa"):
+    for row in ("ifeval", "mmlu"):
+        assert {d: cells[row][d]["source"] for d in ("diffusion", "ar")} == {
+            "diffusion": "lm_eval",
+            "ar": "lm_eval",
+        }
+    ifeval = json.loads((tmp_path / "ifeval" / "diffusion" / "lm_eval.json").read_text())
+    assert ifeval["decode"]["max_new_tokens"] == 16  # the command's budget, not the task's
+    mmlu = json.loads((tmp_path / "mmlu" / "ar" / "lm_eval.json").read_text())
+    assert mmlu["num_fewshot"] == 2 and "acc,none" in mmlu["results"]
+    for row in ("humaneval", "mbpp", "mbpp_plus", "gpqa"):
         assert cells[row] == {"diffusion": {"missing": True}, "ar": {"missing": True}}
-    assert table["average"]["rows"] == ["gsm8k", "math", "mmlu"]
+    assert table["average"]["rows"] == ["humaneval_plus", "gsm8k", "math", "ifeval", "mmlu"]
     assert 1.0 < table["speed"]["ar"]["tokens_per_forward"] <= 2.0  # one per row, batch 2
 
     # The same command into the same folder resumes (nothing is decoded again) ...

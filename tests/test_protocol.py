@@ -20,7 +20,7 @@ from src.training.decode_eval import DecodeEval
 from tests.conftest import ROOT
 from tests.fixtures.exports import DECODE, make_export
 
-GENERATED = ("gsm8k", "math", "humaneval", "mbpp")
+GENERATED = ("gsm8k", "math", "humaneval", "mbpp", "humaneval_plus", "mbpp_plus")
 GSM8K_ROWS = [
     {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"},
     {"question": "What is 2 times 5?", "answer": "#### 10"},

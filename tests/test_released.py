@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lm_eval.api.instance import Instance
 from transformers import Qwen2ForCausalLM
 
 from src.config import ConfigError
@@ -84,15 +85,9 @@ def test_every_entry_point_takes_it(folders) -> None:
     assert check_options(bench).block_size == BLOCK
     lm = FastDLLM(str(released), max_new_tokens=8, sub_block_size=4, device="cpu")
     assert lm.settings["imported"]["format"] == "fast_dllm_v2"
-    assert lm.generate_until([_Request("Sort: 3 1 2", {"until": []})])[0] is not None
+    request = Instance("generate_until", doc={}, arguments=("Sort: 3 1 2", {"until": []}), idx=0)
+    assert isinstance(lm.generate_until([request])[0], str)
     assert no_remote_code_imported()
-
-
-class _Request:
-    """The part of an lm-eval Instance that generate_until reads."""
-
-    def __init__(self, context: str, gen_kwargs: dict) -> None:
-        self.args = (context, gen_kwargs)
 
 
 def test_src_eval_fetches_a_hub_id_through_the_hub_cache(folders, tmp_path, monkeypatch) -> None:

@@ -71,9 +71,12 @@ def eval_config(cfg: DictConfig, name: str, decoder: str) -> DictConfig:
 
 
 def lm_eval_decode(cfg: DictConfig, row: DictConfig) -> dict[str, Any]:
-    """The decode settings of an lm-eval row: the decode config under its own protocol."""
+    """The decode settings of an lm-eval row: the decode config under its own protocol. The
+    token budget only where the row or `max_new_tokens` sets one: the adapter holds a given
+    budget for every request, else each task's `max_gen_toks`."""
     chosen = {k: v for k, v in overrides(cfg).items() if v is not None}
-    return {**_plain(cfg.decode), **_plain(row.get("decode") or {}), **chosen}
+    decode = {k: v for k, v in _plain(cfg.decode).items() if k != "max_new_tokens"}
+    return {**decode, **_plain(row.get("decode") or {}), **chosen}
 
 
 def check(cfg: DictConfig) -> None:
@@ -101,7 +104,8 @@ def check(cfg: DictConfig) -> None:
         for name, row in cfg.lm_eval.items():
             if missing := [k for k in ("task", "metric", "num_fewshot") if row.get(k) is None]:
                 raise ConfigError(f"lm_eval.{name} lacks {', '.join(missing)}: see conf/paper.yaml")
-            check_export(checkpoint(cfg, decoder), lm_eval_decode(cfg, row), decoder)
+            decode = {"max_new_tokens": cfg.decode.max_new_tokens, **lm_eval_decode(cfg, row)}
+            check_export(checkpoint(cfg, decoder), decode, decoder)
 
 
 def manifest(cfg: DictConfig) -> dict[str, Any]:
@@ -176,6 +180,9 @@ def run_lm_eval(cfg: DictConfig, out: Path) -> None:
         return
     from lm_eval.tasks import TaskManager
 
+    from src.evaluation.ifeval import use_packaged_punkt
+
+    use_packaged_punkt()  # IFEval's sentence model, offline
     include = cfg.lm_eval_include_path
     tasks = TaskManager(include_path=str(include) if include else None)
     for decoder in cfg.decoders:
