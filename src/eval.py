@@ -10,7 +10,9 @@
 Writes `metrics.json` (score, per task family where the benchmark has them, decoding speed,
 the full decode config, versions, git commit) and `samples.jsonl` (prompt, response, score)
 into the run directory, and prints the score and tokens/s last. `decode.block_size` defaults
-to the export's trained block size.
+to the export's trained block size; the token budget and threshold to the benchmark's protocol
+(SPEC 4.1: its config's `decode` block, recorded under `protocol`). `ckpt` may also be a
+released Fast-dLLM v2 checkpoint or a hub id (`src.model.released`).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def test_gsm8k_reference_and_scoring(tmp_path: Path) -> None:
     assert not bench.score(problems[2], "\\boxed{4}")
     assert not bench.score(problems[0], "I do not know.")
     content = bench.messages(problems[0])[0]["content"]
-    assert content.startswith("Tom has") and "\\boxed{}" in content
+    assert content.startswith("Question: Tom has") and content.endswith("\\boxed{}.")
 
 
 @pytest.mark.parametrize(

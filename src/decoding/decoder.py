@@ -6,8 +6,8 @@
     result = decoder.generate([prompt_ids])   # GenerationResult
 
 The trained block size is read from the export (`diffusion.json`); the decoder name is
-`diffusion` (cached parallel decoding, SPEC section 3) or `ar` (greedy HF `generate`, the
-baseline), and None picks `ar` for an export trained with the AR objective.
+`diffusion` (cached parallel decoding, SPEC section 3) or `ar` (greedy AR decoding over a KV
+cache, the baseline), and None picks `ar` for an export trained with the AR objective.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class DiffusionDecoder(Decoder):
 
 @dataclass(frozen=True)
 class ARDecoder(Decoder):
-    """Greedy AR decoding with HF `generate`; of the settings it uses `max_new_tokens`."""
+    """Greedy AR decoding (`generate_ar`); of the settings it uses `max_new_tokens`."""
 
     name: ClassVar[str] = "ar"
 

@@ -1,7 +1,7 @@
 """`python -m src.bench decode`: AR decoding vs cached parallel decoding, measured side by side.
 
 The same prompts (the built-in synthetic test split, or a jsonl of {"messages", optional
-"answer"} rows), greedy, through the AR baseline (HF `generate` on `ar_ckpt`, and on `ckpt`
+"answer"} rows), greedy, through the AR baseline (greedy `generate_ar` on `ar_ckpt`, and on `ckpt`
 itself as a same-weights speed check) and cached parallel decoding of `ckpt` at each
 threshold x sub-block cache off/on x batch size. Variants run interleaved, chunk by chunk of
 prompts, so machine noise hits them alike. The report has exact-match accuracy, tokens/s,

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from src.config import ConfigError, instantiate
 from src.decoding import check_export, load_decoder_from_config
 from src.evaluation.benchmarks import get
-from src.evaluation.runner import Evaluation, evaluate_distributed, metric_name
+from src.evaluation.protocol import protocol_record
+from src.evaluation.runner import Evaluation, check_context, evaluate_distributed, metric_name
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
 
     rank = join_process_group()
     decoder = load_decoder_from_config(cfg)
+    check_context(decoder, benchmark, problems)
     evaluation = evaluate_distributed(
         decoder, benchmark, problems, batch_size=cfg.batch_size, progress=rank == 0
     )
@@ -53,9 +55,13 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
         **evaluation.metrics(metric),
         **({"by_task": by_task} if (by_task := evaluation.by_task()) else {}),
         **({"code_execution": execution} if (execution := benchmark.execution()) else {}),
-        "ckpt": os.path.abspath(cfg.ckpt),
+        # A hub id as given (its snapshot folder is the hub cache's business).
+        "ckpt": os.path.abspath(cfg.ckpt) if os.path.exists(cfg.ckpt) else cfg.ckpt,
+        # A checkpoint this pipeline did not write (src.model.released): its format.
+        **({"imported": imported} if (imported := decoder.export.settings.get("imported")) else {}),
         "decoder": cfg.decoder,
         "decode": decoder.settings.as_dict(),
+        "protocol": protocol_record(benchmark, decoder, cfg.limit),
         "batch_size": cfg.batch_size,
         "limit": cfg.limit,
         "trained": decoder.export.settings,

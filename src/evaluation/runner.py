@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from src.decoding import Decoder
+from src.decoding.base import validate_prompts
 from src.evaluation.benchmarks import Benchmark
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,18 @@ def render_prompts(
             )
         )
     return texts
+
+
+def check_context(decoder: Decoder, benchmark: Benchmark, problems: Sequence[dict]) -> None:
+    """ValueError (one line) before any decoding when a problem's prompt plus the token budget
+    exceeds the model's context (e.g. the protocol's 2048 tokens on a small model)."""
+    tokenizer = decoder.tokenizer
+    prompts = [
+        tokenizer(text, add_special_tokens=False)["input_ids"]
+        for text in render_prompts(tokenizer, benchmark, problems)
+    ]
+    if prompts:
+        validate_prompts(decoder.export.model, prompts, decoder.settings.max_new_tokens)
 
 
 @dataclass

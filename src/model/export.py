@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from src.config import ConfigError
+from src.model.released import checkpoint_folder, imported_settings, model_config
 
 SETTINGS_FILE = "diffusion.json"
 
@@ -50,12 +51,17 @@ REQUIRED_SETTINGS = ("objective", "block_size", "mask_token_id", "stop_token_id"
 
 
 def read_settings(path: str) -> dict[str, Any]:
-    """The diffusion settings of an export, with a one-line error when it is not one."""
+    """The diffusion settings of an export (or of a released checkpoint or HF causal LM, a
+    folder or hub id: `src.model.released`), with a one-line error when it is none of them."""
+    path = checkpoint_folder(path)
     settings_file = os.path.join(path, SETTINGS_FILE)
     if not os.path.isfile(settings_file):
+        if (imported := imported_settings(path)) is not None:
+            return imported
         raise ConfigError(
-            f"{path} is not an export of this pipeline (no {SETTINGS_FILE}): pass the export "
-            "folder a training run printed, e.g. artifacts/tiny"
+            f"{path} is not an export of this pipeline (no {SETTINGS_FILE}), nor a released "
+            "Fast-dLLM v2 checkpoint or HF causal LM (no config.json of one): pass the export "
+            "folder a training run printed, e.g. artifacts/tiny, or a checkpoint's hub id"
         )
     try:
         with open(settings_file) as f:
@@ -99,16 +105,21 @@ def load_export(
 ) -> Export:
     """Model (eval mode, loaded straight onto `device`; "auto" picks CUDA when there is one),
     tokenizer, settings. `dtype` "auto" is bfloat16 on CUDA, float32 on CPU."""
+    path = checkpoint_folder(path)
     settings = read_settings(path)
     device = resolve_device(device)
     try:
+        # A released checkpoint loads into the stock class its model_config names; remote
+        # code never runs (its config.json has auto_map).
         model = AutoModelForCausalLM.from_pretrained(
             path,
+            config=model_config(path),
+            trust_remote_code=False,
             dtype=resolve_dtype(dtype, device),
             attn_implementation=attn_implementation,
             device_map=device,
         )
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as err:  # a truncated or foreign weights file, a missing tokenizer, ...
         raise ConfigError(
             f"cannot load the export {path} ({describe(err)}): re-export it"

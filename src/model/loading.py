@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from src.config import ConfigError
 from src.model.export import describe
+from src.model.released import model_config
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,13 @@ def _load_pretrained(
 ) -> PreTrainedModel:
     path = os.path.expanduser(pretrained)
     if gguf_file is None:
+        # A released Fast-dLLM v2 checkpoint loads into the stock class (src.model.released).
         return AutoModelForCausalLM.from_pretrained(
-            path, attn_implementation=attn_implementation, dtype=dtype
+            path,
+            config=model_config(path),
+            trust_remote_code=False,
+            attn_implementation=attn_implementation,
+            dtype=dtype,
         )
     # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild a plain
     # model from its config and copy the dequantised weights, so export works downstream.

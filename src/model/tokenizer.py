@@ -78,7 +78,11 @@ def stop_token_of(tokenizer: PreTrainedTokenizerBase) -> tuple[str, int]:
 def load_tokenizer(pretrained: str, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of a hub id or local folder, with the mask token added when missing."""
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(pretrained), **kwargs)
+    # trust_remote_code=False: AutoTokenizer reads the model config first, and a released
+    # Fast-dLLM v2 one (auto_map) would otherwise ask on stdin to run its configuration.py.
+    tokenizer = AutoTokenizer.from_pretrained(
+        os.path.expanduser(pretrained), trust_remote_code=False, **kwargs
+    )
     ensure_mask_token(tokenizer)
     return tokenizer
 

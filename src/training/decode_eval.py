@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.decoding import Decoder, check_decoder_name, make_decoder
 from src.evaluation.benchmarks import Benchmark
+from src.evaluation.protocol import benchmark_decode
 from src.evaluation.runner import evaluate_distributed, metric_name
 from src.model import Export
 from src.training.zero import unpartitioned
@@ -31,7 +32,9 @@ class DecodeEval(L.Callback):
     `tokens_per_forward`, `tokens_per_second`, and the callback's own cost: `decode_eval/seconds` (this evaluation) and `decode_eval/overhead`
     (its total time / training time so far). A failure is logged and training goes on.
 
-    `decode` is the run's decode config (`block_size` null: the trained one); `decoder` null
+    `decode` is the run's decode config (`block_size` null: the trained one), under each
+    benchmark's protocol (its `decode` block: token budget and threshold, SPEC 4.1; change one
+    with `callbacks.decode_eval.benchmarks.<name>.decode.max_new_tokens=N`); `decoder` null
     picks the AR baseline for an `ar` objective and the diffusion decoder otherwise.
     """
 
@@ -119,7 +122,8 @@ class DecodeEval(L.Callback):
         try:
             if name not in self._problems:
                 self._problems[name] = benchmark.load(self.limit)
-            decoder = make_decoder(export, self.decode, decoder=self.decoder)
+            decode = benchmark_decode(self.decode, benchmark)  # its protocol's budget
+            decoder = make_decoder(export, decode, decoder=self.decoder)
         except Exception:
             # Whatever broke (the data, a setting), training goes on; this rank still joins
             # the others' gather, so none of them waits for it.

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from src.config import ConfigError
 from src.model import build_tokenizer
+from src.model.released import model_config as released_config
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,9 @@ def model_config(model: DictConfig) -> tuple[PretrainedConfig, str]:
         return config, "scratch config (model.config)"
     kwargs = {"gguf_file": model.gguf_file} if model.get("gguf_file") else {}
     try:
-        return AutoConfig.from_pretrained(pretrained, **kwargs), pretrained
+        # A released Fast-dLLM v2 checkpoint: the stock config it loads as (no remote code).
+        released = None if kwargs else released_config(pretrained)
+        return released or AutoConfig.from_pretrained(pretrained, **kwargs), pretrained
     except OSError as err:
         if pretrained not in KNOWN_ARCHITECTURES:
             raise ValueError(

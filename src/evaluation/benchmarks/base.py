@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from src.data.jsonl import read_jsonl
+
+# The decode settings a benchmark's protocol fixes (SPEC 4.1: its budget and threshold); the
+# rest of the decode config is the decoder's.
+PROTOCOL_KEYS = ("max_new_tokens", "threshold")
 
 
 class Benchmark:
@@ -12,10 +17,14 @@ class Benchmark:
 
     Options (all from ``conf/benchmark/<name>.yaml`` or ``get(name, **options)``): ``path`` a
     local jsonl (wins when set), else ``hub_name``/``hub_config``/``split`` for
-    ``datasets.load_dataset``; ``limit`` keeps the first problems only.
+    ``datasets.load_dataset``; ``limit`` keeps the first problems only; ``decode`` the
+    released protocol's decode settings for this benchmark (``PROTOCOL_KEYS``), which
+    ``src.eval`` and ``callbacks=decode_eval`` decode it with unless told otherwise.
     """
 
     name: str = ""
+    # The user turn's template where the config sets one (GSM8K, MATH), for metrics.json.
+    prompt: str | None = None
 
     def __init__(
         self,
@@ -25,10 +34,17 @@ class Benchmark:
         hub_config: str | None = None,
         split: str = "test",
         limit: int | None = None,
+        decode: Mapping[str, Any] | None = None,
     ) -> None:
         _check_limit(limit)
         self.path, self.hub_name, self.hub_config = path, hub_name, hub_config
         self.split, self.limit = split, limit
+        self.decode = dict(decode or {})
+        if unknown := sorted(set(self.decode) - set(PROTOCOL_KEYS)):
+            raise ValueError(
+                f"benchmark.decode.{unknown[0]}: a benchmark's protocol sets only "
+                f"{', '.join(PROTOCOL_KEYS)} (the other settings are decode.*)"
+            )
 
     def load(self, limit: int | None = None) -> list[dict]:
         """Problems in dataset order; ``limit`` (else the configured one) keeps the first few."""

@@ -1,8 +1,11 @@
 """GSM8K and MATH (MATH-500 style): step-by-step prompts, ``\\boxed{}`` answers.
 
-Both use the paper's prompt: the question, then "Please reason step by step, and put your final
-answer within \\boxed{}." A GSM8K response is correct when its final number equals the
-reference's; a MATH response when math-verify finds its final answer equivalent to the reference.
+Both use the released protocol's prompt (SPEC 4.1): lm-eval's prompt of the task (``gsm8k``,
+``minerva_math``) with its trailing "Answer:" / "Solution:" cue replaced by "Please reason step
+by step, and put your final answer within \\boxed{}."; ``prompt`` (conf/benchmark/<name>.yaml)
+is that template, its ``{field}``s filled from the problem. A GSM8K response is correct when
+its final number equals the reference's; a MATH response when math-verify finds its final
+answer equivalent to the reference.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from typing import ClassVar
 from src.evaluation.benchmarks.base import Benchmark
 
 STEP_BY_STEP = "Please reason step by step, and put your final answer within \\boxed{}."
+# The templates' braces are str.format's: "{{}}" is a literal "{}".
+_CUE = STEP_BY_STEP.replace("{}", "{{}}")
+GSM8K_PROMPT = "Question: {question}\n" + _CUE
+MATH_PROMPT = "Problem:\n{problem}\n\n" + _CUE
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
 
 
@@ -74,8 +81,12 @@ class GSM8K(Benchmark):
 
     name = "gsm8k"
 
+    def __init__(self, *, prompt: str = GSM8K_PROMPT, **options: object) -> None:
+        super().__init__(**options)
+        self.prompt = prompt
+
     def messages(self, problem: dict) -> list[dict[str, str]]:
-        return [{"role": "user", "content": f"{problem['question']}\n{STEP_BY_STEP}"}]
+        return [{"role": "user", "content": self.prompt.format(**problem)}]
 
     def score(self, problem: dict, response: str) -> bool:
         return numbers_equal(extract_gsm8k_answer(response), gsm8k_reference(problem["answer"]))
@@ -118,8 +129,12 @@ class MATH(Benchmark):
         if not isinstance(solution, str) or extract_boxed(solution) is None:
             raise ValueError("answer: missing, and no solution with a \\boxed{} answer")
 
+    def __init__(self, *, prompt: str = MATH_PROMPT, **options: object) -> None:
+        super().__init__(**options)
+        self.prompt = prompt
+
     def messages(self, problem: dict) -> list[dict[str, str]]:
-        return [{"role": "user", "content": f"{problem['problem']}\n{STEP_BY_STEP}"}]
+        return [{"role": "user", "content": self.prompt.format(**problem)}]
 
     def score(self, problem: dict, response: str) -> bool:
         reference = problem.get("answer") or extract_boxed(problem.get("solution", ""))
