@@ -52,7 +52,8 @@ class Decoder:
 
     def replace(self, **changes: Any) -> Decoder:
         """The same decoder with some settings changed (e.g. a request's token budget)."""
-        return dataclasses.replace(self, settings=self.settings.replace(**changes))
+        settings = check_settings(self.name, self.settings.replace(**changes))
+        return dataclasses.replace(self, settings=settings)
 
 
 @dataclass(frozen=True)
