@@ -104,6 +104,14 @@ def test_numbers(dry_run):
             for mode in DECODE_MODES:
                 assert row[mode]["all_tokens_generated"]
                 assert row[mode]["tokens_per_second"] > 0 and row[mode]["ms_per_forward"] > 0
+            random_drafts, accepted = row["verified_random"], row["verified_accepted"]
+            one_cache = row["verified_one_cache_accepted"]
+            for r in (random_drafts, accepted, one_cache):
+                assert r["all_tokens_generated"] and r["ms_per_forward"] > 0
+                assert sum(r["forwards_by_kind"].values()) == r["forwards"]
+            assert random_drafts["same_as_hf_generate"] == 1.0  # fp32: SPEC 6's invariant
+            assert random_drafts["acceptance_length"] < accepted["acceptance_length"] == 32
+            assert set(one_cache["forwards_by_kind"]) == {"verify+draft"}
 
     attention = r["attention"]
     assert attention["max_abs_logit_diff"] <= attention["logits_atol"]
