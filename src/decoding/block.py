@@ -360,7 +360,7 @@ class _BlockDecoder:
             block_rule = block_causal(start, b)
             if not any(causal):
                 return block_rule
-            causal_rows = torch.tensor(causal, device=start.device)
+            causal_rows = torch.tensor(causal, dtype=torch.bool, device=start.device)
             return lambda r, q, kv: block_rule(r, q, kv) & (~causal_rows[r] | (kv <= start[r] + q))
 
         key = ("step", q_pos.shape[1], kv_len, starts, causal)
