@@ -36,7 +36,7 @@ class DecodeSettings:
     temperature: float
     top_p: float
     allow_block_size_mismatch: bool = False
-    draft: str = "threshold"
+    draft: str = "single"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -79,7 +79,7 @@ def generate_verified(
     sub_block_size: int,
     threshold: float,
     max_new_tokens: int,
-    draft: str = "threshold",
+    draft: str = "single",
     context: str = "block_causal",
     vocab_limit: int | None = None,
 ) -> GenerationResult:
