@@ -106,9 +106,9 @@ def test_numbers(dry_run):
                 assert row[mode]["tokens_per_second"] > 0 and row[mode]["ms_per_forward"] > 0
             random_drafts, accepted = row["verified_random"], row["verified_accepted"]
             one_cache = row["verified_one_cache_accepted"]
-            for r in (random_drafts, accepted, one_cache):
-                assert r["all_tokens_generated"] and r["ms_per_forward"] > 0
-                assert sum(r["forwards_by_kind"].values()) == r["forwards"]
+            for run in (random_drafts, accepted, one_cache):
+                assert run["all_tokens_generated"] and run["ms_per_forward"] > 0
+                assert sum(run["forwards_by_kind"].values()) == run["forwards"]
             assert random_drafts["same_as_hf_generate"] == 1.0  # fp32: SPEC 6's invariant
             assert random_drafts["acceptance_length"] < accepted["acceptance_length"] == 32
             assert set(one_cache["forwards_by_kind"]) == {"verify+draft"}
