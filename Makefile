@@ -33,10 +33,14 @@ $(STAMP): pyproject.toml
 	bash scripts/install_system_deps.sh
 	touch $(STAMP)
 
+# Ends with both decoders (cached parallel and self-verified) against the AR model on the 200
+# test problems, side by side at batch 1: exact match, tokens per forward, x AR tokens/s.
 demo: venv
 	test -f artifacts/tiny_ar/diffusion.json || $(PY) -m src.train experiment=tiny_ar
 	$(PY) -m src.train experiment=tiny
-	$(PY) -m src.eval ckpt=artifacts/tiny benchmark=synthetic
+	$(PY) -m src.bench decode ckpt=artifacts/tiny ar_ckpt=artifacts/tiny_ar limit=null \
+		thresholds=[0.9] sub_block_cache=[false] batch_sizes=[1] verified_drafts=[single] \
+		decode.sub_block_size=8 out=artifacts/demo_decode.json
 
 # experiments/tiny_repro: the paper's Tables 1-3 and Fig. 4 in miniature (~35 min per seed).
 tiny-repro: venv

@@ -43,6 +43,15 @@ class Study:
     ) -> None:
         self.here, self.group, self.starts_from = here, group, dict(starts_from or {})
         self.runs, self.metrics = here / "runs", here / "metrics"
+        self.train_overrides: list[str] = []
+        self.limit: int | None = None
+
+    def trial(self, root: Path, train_overrides: Sequence[str], limit: int) -> None:
+        """Run the study under `root` instead (its runs, metrics and results.md) on a budget:
+        `train_overrides` go to every fine-tune, evaluations take the first `limit` problems.
+        A check of the study's whole pipeline that leaves its committed results alone."""
+        self.here, self.runs, self.metrics = root, root / "runs", root / "metrics"
+        self.train_overrides, self.limit = list(train_overrides), limit
 
     def fine_tune(self, name: str, seed: int) -> Path:
         """The export of run `name` for `seed`, trained when missing (a half-finished run
@@ -52,10 +61,10 @@ class Study:
             overrides = [f"experiment={self.group}/{name}"]
             if name in self.starts_from:
                 overrides.append(f"model.pretrained={self.fine_tune(self.starts_from[name], seed)}")
-            else:
+            elif not any(o.startswith("model.pretrained=") for o in self.train_overrides):
                 ar_init()
-            python("-m", "src.train", *overrides, f"seed={seed}", f"hydra.run.dir={export.parent}",
-                   f"paths.export_dir={export}")  # fmt: skip
+            python("-m", "src.train", *overrides, *self.train_overrides, f"seed={seed}",
+                   f"hydra.run.dir={export.parent}", f"paths.export_dir={export}")  # fmt: skip
         return export
 
     def eval_dir(self, out: Path) -> Path:
@@ -66,9 +75,13 @@ class Study:
         """`src.eval` on the whole synthetic test split; its metrics.json is kept as `out`."""
         run_dir = self.eval_dir(out)
         python("-m", "src.eval", f"ckpt={export}", "benchmark=synthetic", *overrides,
-               f"hydra.run.dir={run_dir}")  # fmt: skip
+               *self.limit_override(), f"hydra.run.dir={run_dir}")  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(run_dir / "metrics.json", out)
+
+    def limit_override(self) -> list[str]:
+        """`limit=N` for the commands that take the problems, in a trial."""
+        return [] if self.limit is None else [f"limit={self.limit}"]
 
     def load(self, pattern: str) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.metrics.glob(pattern))]
@@ -87,14 +100,29 @@ def mean(values: Sequence[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f}" if values else NOT_RUN
 
 
-def main(doc: str, here: Path, run: Callable[..., None], summarise: Callable[[], str]) -> None:
+def main(
+    doc: str,
+    here: Path,
+    run: Callable[..., None],
+    summarise: Callable[[], str],
+    trial: Callable[[Path], None] | None = None,
+) -> None:
     """A study's command line: run what `--seeds` (and `--runs`, where the study takes it)
-    lack, then write results.md from metrics/."""
+    lack, then write results.md from metrics/. A study that gives `trial` (it moves the study
+    to a folder and a tiny budget, `Study.trial`) takes `--trial DIR`."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", nargs="+", help="only these runs (default: all)")
     parser.add_argument("--summarise", action="store_true", help="only rebuild results.md")
+    if trial is not None:
+        parser.add_argument(
+            "--trial", type=Path, metavar="DIR",
+            help="the whole study on a tiny budget under DIR (results.md too), as a check",
+        )  # fmt: skip
     args = parser.parse_args()
+    if getattr(args, "trial", None) is not None:
+        trial(args.trial)
+        here = args.trial
     if not args.summarise:
         run(args.seeds, **({"runs": args.runs} if args.runs else {}))
     (here / "results.md").write_text(summarise())

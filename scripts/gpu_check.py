@@ -21,8 +21,9 @@ Parts (`--parts a,b` runs a subset):
   tokens through the model) against an AR step on the same batch: time, peak memory,
   gradient norm and that every gradient is finite.
 - `decode`: 1.5B- and 7B-shaped random models in bf16, batch 1 and 8: ms per forward and
-  tokens/s of cached parallel decoding forced to 1, 8 and 32 tokens per denoising forward, and
-  ms per token of HF `generate` (the AR baseline).
+  tokens/s of cached parallel decoding forced to 1, 8 and 32 tokens per denoising forward, of
+  self-verified decoding with the random model's drafts and with every draft accepted (two
+  caches and one), and ms per token of the AR baseline (`generate_ar`).
 - `attention`: `sdpa` vs `flex_attention` on a 1.5B-shaped model: the same logits and loss,
   training step time and peak memory, decode ms per forward.
 

@@ -153,6 +153,7 @@ def test_bad_config_fails_before_any_model_is_loaded(tmp_path):
         (["diffusion.distill_weight=-1"], "diffusion.distill_weight=-1 must be >= 0"),
         (["diffusion.distill_temperature=0"], "diffusion.distill_temperature=0 must be > 0"),
         (["diffusion.ar_weight=-0.5"], "diffusion.ar_weight=-0.5 must be >= 0"),
+        (["diffusion.context=bidirectional"], "diffusion.context='bidirectional': choose"),
         (["diffusion=ar", "diffusion.ar_weight=0.5"], "set diffusion.objective=block_diffusion"),
         (
             ["diffusion=ar", "diffusion.distill_weight=0.5"],

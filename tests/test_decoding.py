@@ -45,10 +45,13 @@ def prompt(length: int, seed: int = 1) -> list[int]:
     return torch.randint(0, VOCAB - 2, (length,), generator=g).tolist()
 
 
-def full_logits(model, tokens: list[int], block_size: int) -> torch.Tensor:
-    """Logits `[len, V]` of a cache-free forward of the whole sequence, block-causal."""
+def full_logits(model, tokens: list[int], block_size: int, causal_until: int = 0) -> torch.Tensor:
+    """Logits `[len, V]` of a cache-free forward of the whole sequence, block-causal; the
+    positions below `causal_until` causal instead (SPEC 6's one-cache context)."""
     pos = torch.arange(len(tokens))
     allowed = block_causal_allowed(pos[:, None], pos[None, :], block_size)
+    causal = pos[:, None] < causal_until
+    allowed = torch.where(causal, pos[None, :] <= pos[:, None], allowed)
     mask = additive_mask(allowed, model.dtype)[None]
     with torch.no_grad():
         logits = model(
@@ -59,10 +62,20 @@ def full_logits(model, tokens: list[int], block_size: int) -> torch.Tensor:
 
 
 def reference_decode(
-    model, ids: list[int], *, stop: int, block: int, sub: int, threshold: float, max_new: int
+    model,
+    ids: list[int],
+    *,
+    stop: int,
+    block: int,
+    sub: int,
+    threshold: float,
+    max_new: int,
+    context: str = "block_causal",
 ) -> list[int]:
-    """SPEC 3, written plainly: every step recomputes the whole sequence, no cache."""
+    """SPEC 3, written plainly: every step recomputes the whole sequence, no cache. With
+    `context="causal"` the committed blocks (and a block being committed) attend causally."""
     plen, limit = len(ids), len(ids) + max_new
+    one_cache = context == "causal"
     toks = list(ids)
     masked = [False] * plen
 
@@ -76,7 +89,7 @@ def reference_decode(
 
     start = plen // block * block
     if plen % block == 0:
-        toks.append(int(full_logits(model, toks, block)[-1].argmax()))
+        toks.append(int(full_logits(model, toks, block, start * one_cache)[-1].argmax()))
         masked.append(False)
     while True:
         grow = start + block - len(toks)
@@ -87,7 +100,7 @@ def reference_decode(
         for s0 in range(start, start + block, sub):
             todo = [p for p in range(s0, s0 + sub) if masked[p] and p < limit]
             while todo:
-                probs = full_logits(model, toks, block).softmax(-1)
+                probs = full_logits(model, toks, block, start * one_cache).softmax(-1)
                 conf = {p: float(probs[p - 1].max()) for p in todo}
                 best = max(todo, key=lambda p: (conf[p], -p))  # first one on ties
                 for p in todo:
@@ -98,7 +111,8 @@ def reference_decode(
                     return done
         if start + block >= limit:
             return toks[plen:limit]
-        toks.append(int(full_logits(model, toks, block)[-1].argmax()))
+        commit = full_logits(model, toks, block, (start + block) * one_cache)
+        toks.append(int(commit[-1].argmax()))
         masked.append(False)
         start += block
         if (done := finished()) is not None:
@@ -127,6 +141,19 @@ def test_cached_equals_cache_free_reference(arch, sub, threshold):
         assert len(want) == 21 and MASK_ID not in want
         steps += got.unmasked_per_step[0]
     assert (max(steps) > 1) == (threshold < 1)  # the threshold really decided something
+
+
+def test_causal_context_equals_cache_free_reference(arch):
+    """An export trained with `diffusion.context=causal`: the prefill and commits attend
+    causally (its committed context), the block being denoised as in SPEC 3."""
+    model = make_model(arch)
+    kw = dict(block=8, sub=4, threshold=0.7, max_new=21)
+    prompts = [prompt(n) for n in (1, 8, 9, 19)]
+    want = [reference_decode(model, p, stop=NO_STOP, context="causal", **kw) for p in prompts]
+    assert want != [reference_decode(model, p, stop=NO_STOP, **kw) for p in prompts]
+    settings = dict(block_size=8, sub_block_size=4, threshold=0.7, max_new_tokens=21)
+    assert decode(model, prompts, context="causal", **settings).tokens == want
+    assert [decode(model, [p], context="causal", **settings).tokens[0] for p in prompts] == want
 
 
 def test_cached_equals_reference_block_32():

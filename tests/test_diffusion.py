@@ -23,8 +23,10 @@ VOCAB = 64
 MASK_ID = VOCAB - 1
 
 
-def brute_force_mask(seq_len: int, block_size: int, num_views: int) -> torch.Tensor:
-    """SPEC section 2's table, cell by cell."""
+def brute_force_mask(
+    seq_len: int, block_size: int, num_views: int, context: str = "block_causal"
+) -> torch.Tensor:
+    """SPEC section 2's table, cell by cell (SPEC 6's `context="causal"`: x_0 causal)."""
     n = (num_views + 1) * seq_len
     mask = torch.zeros(n, n, dtype=torch.bool)
     for q, k in itertools.product(range(n), range(n)):
@@ -37,17 +39,18 @@ def brute_force_mask(seq_len: int, block_size: int, num_views: int) -> torch.Ten
         elif not q_clean and k_clean:
             mask[q, k] = kb < qb
         elif q_clean and k_clean:
-            mask[q, k] = kb <= qb
+            mask[q, k] = ki <= qi if context == "causal" else kb <= qb
     return mask
 
 
+@pytest.mark.parametrize("context", ["block_causal", "causal"])
 @pytest.mark.parametrize(
     "seq_len,block_size,num_views", [(8, 4, 1), (12, 4, 2), (10, 3, 1), (6, 6, 3)]
 )
-def test_mask_matches_brute_force(seq_len, block_size, num_views):
-    mask = block_diffusion_mask(seq_len, block_size, num_views)
+def test_mask_matches_brute_force(seq_len, block_size, num_views, context):
+    mask = block_diffusion_mask(seq_len, block_size, num_views, context)
     assert mask.shape == ((num_views + 1) * seq_len,) * 2
-    assert torch.equal(mask, brute_force_mask(seq_len, block_size, num_views))
+    assert torch.equal(mask, brute_force_mask(seq_len, block_size, num_views, context))
 
 
 def block_causal_reference_logits(model, noisy, clean, block_size):
@@ -347,3 +350,27 @@ def test_recipe_options_with_flex_attention():
         for model in (sdpa, flex)
     ]
     assert losses[0].item() == pytest.approx(losses[1].item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_one_cache_ar_term_is_the_two_forward_loss(arch, shared):
+    """SPEC 6's one-cache variant: with a causal clean stream, the AR term read off the clean
+    stream's logits equals the AR loss of a separate causal forward of x_0."""
+    model = tiny_model(arch, VOCAB)
+    ids, labels = sft_batch()
+    kw = dict(mask_token_id=MASK_ID, block_size=8, shared_clean_stream=shared, context="causal")
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    one = block_diffusion_loss(
+        model, ids, labels, ar_weight=0.4, generator=torch.Generator().manual_seed(5), **kw
+    )
+    assert len(forwards) == 1  # no forward of its own for the AR term
+    diffusion = block_diffusion_loss(
+        model, ids, labels, generator=torch.Generator().manual_seed(5), **kw
+    )
+    two = diffusion + 0.4 * ar_loss(model, ids, labels)
+    assert one.item() == pytest.approx(two.item(), abs=1e-5)
+    # The paper's block-causal clean stream is no AR forward: its logits would give another loss.
+    paper = block_diffusion_logits(model, ids, ids, 8, context="block_causal")
+    causal = block_diffusion_logits(model, ids, ids, 8, context="causal")
+    assert not torch.allclose(paper, causal)

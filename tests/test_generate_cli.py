@@ -168,8 +168,12 @@ def test_bench_decode_smoke(export_dir: str, tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["num_prompts"] == 2 and report["decode"]["block_size"] == BLOCK
     rows = {r["variant"]: r for r in report["rows"]}
-    # Per batch size: AR on ar_ckpt, AR on ckpt, 2 thresholds x cache off/on.
-    assert len(rows) == 2 * (2 + 2 * 2)
+    # Per batch size: AR on ar_ckpt, AR on ckpt, 2 thresholds x cache off/on, verified with
+    # single drafts and threshold drafts at 2 thresholds.
+    assert len(rows) == 2 * (2 + 2 * 2 + 1 + 2)
+    verified = [r for r in rows.values() if r["decoder"] == "verified"]
+    assert all(r["same_as_ar_ckpt"] == 1.0 and r["acceptance_length"] >= 1 for r in verified)
+    assert rows["verified draft=threshold t=0.5 bs=2"]["draft"] == "threshold"
     assert rows["ar (ar_ckpt) bs=1"]["speedup_vs_ar"] == 1.0
     for r in rows.values():
         assert 0 < r["tokens"] <= 2 * 8 and r["forwards"] > 0 and 0 <= r["accuracy"] <= 1

@@ -97,13 +97,21 @@ def test_numbers(dry_run):
         for batch in (1, 8):
             row = decode[shape][f"batch_{batch}"]
             assert row["ms_per_denoising_forward"] > 0
-            assert row["hf_generate"]["ms_per_token"] > 0
-            assert row["hf_generate"]["all_tokens_generated"]
+            assert row["ar"]["ms_per_token"] > 0
+            assert row["ar"]["all_tokens_generated"]
             per_step = [row[m]["tokens_per_denoising_step"] for m in DECODE_MODES]
             assert per_step[0] == 1 and 7 <= per_step[1] <= 8 and 31 <= per_step[2] <= 32
             for mode in DECODE_MODES:
                 assert row[mode]["all_tokens_generated"]
                 assert row[mode]["tokens_per_second"] > 0 and row[mode]["ms_per_forward"] > 0
+            random_drafts, accepted = row["verified_random"], row["verified_accepted"]
+            one_cache = row["verified_one_cache_accepted"]
+            for run in (random_drafts, accepted, one_cache):
+                assert run["all_tokens_generated"] and run["ms_per_forward"] > 0
+                assert sum(run["forwards_by_kind"].values()) == run["forwards"]
+            assert random_drafts["same_as_ar"] == 1.0  # fp32: SPEC 6's invariant
+            assert random_drafts["acceptance_length"] < accepted["acceptance_length"] == 32
+            assert set(one_cache["forwards_by_kind"]) == {"verify+draft"}
 
     attention = r["attention"]
     assert attention["max_abs_logit_diff"] <= attention["logits_atol"]

@@ -22,7 +22,7 @@ PARTS = {
             needs_cuda=True,
         ),
         Part("train_step_7b", train_step_7b, {"gpu": 65, "cpu": 60}),
-        Part("decode", decode_part, {"gpu": 100, "cpu": 90}),
+        Part("decode", decode_part, {"gpu": 150, "cpu": 120}),
         Part("attention", attention_part, {"gpu": 140, "cpu": 90}),
     ]
 }

@@ -1,5 +1,6 @@
 """Part `decode`: cached parallel decoding forced to 1, 8 and 32 tokens per denoising forward,
-and HF `generate`, on 1.5B- and 7B-shaped random models at batch 1 and 8."""
+self-verified decoding with every draft rejected and with every draft accepted, and HF
+`generate`, on 1.5B- and 7B-shaped random models at batch 1 and 8."""
 
 from __future__ import annotations
 
@@ -26,6 +27,19 @@ DECODE_MODES = {
     "8_per_forward": {"threshold": 0.0, "sub_block_size": 8},
     "32_per_forward": {"threshold": 0.0, "sub_block_size": 32},
 }
+
+
+# decoder=verified (SPEC 6) near both ends of its speed, single-forward drafts: a random
+# model's drafts are mostly rejected (1-2 tokens per verification, a draft and a verify
+# forward each), and with one token's logit raised everywhere the block-diffusion and causal
+# argmax agree, so every draft is accepted (whole blocks per verification); two caches (the
+# paper's block-causal context) and one (`diffusion.context=causal`).
+VERIFIED_MODES = {
+    "verified_random": {"context": "block_causal", "accept_all": False},
+    "verified_accepted": {"context": "block_causal", "accept_all": True},
+    "verified_one_cache_accepted": {"context": "causal", "accept_all": True},
+}
+FAVOURED_TOKEN = 0  # never the stop or the mask token
 
 
 def prepare_decode_model(shape: dict[str, Any], ctx: Context, dtype: Any, attn: str) -> Any:
@@ -92,7 +106,68 @@ def diffusion_decode(
     }
 
 
-def ar_decode(ctx: Context, model: Any, shape: dict[str, Any], prompts: list, max_new: int) -> dict:
+def verified_decode(
+    ctx: Context,
+    model: Any,
+    shape: dict[str, Any],
+    prompts: list,
+    max_new: int,
+    *,
+    context: str,
+    accept_all: bool,
+    reference: list | None = None,
+) -> dict[str, Any]:
+    """`generate_verified` timed; `reference`: the AR baseline's tokens for the same prompts (the
+    share of rows it reproduces is recorded: 1.0 unless bf16 rounding flips a near-tie)."""
+    import torch
+
+    from src.decoding import generate_verified
+
+    hook = None
+    if accept_all:
+        bias = torch.zeros(shape["vocab_size"], dtype=model.dtype, device=ctx.device)
+        bias[FAVOURED_TOKEN] = 1e4
+        hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: out + bias)
+    try:
+        result, seconds = timed_decode(
+            ctx,
+            lambda: generate_verified(
+                model,
+                prompts,
+                mask_token_id=mask_id_for(shape),
+                stop_token_id=stop_id_for(shape),
+                block_size=32,
+                sub_block_size=8,
+                threshold=0.9,
+                max_new_tokens=max_new,
+                draft="single",
+                context=context,
+            ),
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    row = {
+        "seconds": seconds,
+        "forwards": result.forwards,
+        "forwards_by_kind": result.forwards_by_kind,
+        "ms_per_forward": 1000 * seconds / result.forwards,
+        "tokens": result.num_tokens,
+        "all_tokens_generated": result.num_tokens == len(prompts) * max_new,
+        "tokens_per_second": result.num_tokens / seconds,
+        "tokens_per_forward": result.tokens_per_forward,
+        "acceptance_length": result.acceptance_length,
+    }
+    if reference is not None:
+        same = sum(a == b for a, b in zip(result.tokens, reference, strict=True))
+        row["same_as_ar"] = same / len(reference)
+    return row
+
+
+def ar_decode(
+    ctx: Context, model: Any, shape: dict[str, Any], prompts: list, max_new: int
+) -> tuple[dict[str, Any], list]:
+    """The AR baseline (`generate_ar`, greedy over a KV cache) timed: its numbers, and its tokens."""
     from src.decoding import generate_ar
 
     result, seconds = timed_decode(
@@ -101,7 +176,7 @@ def ar_decode(ctx: Context, model: Any, shape: dict[str, Any], prompts: list, ma
             model, prompts, stop_token_id=stop_id_for(shape), max_new_tokens=max_new
         ),
     )
-    return {
+    return result.tokens, {
         "seconds": seconds,
         "steps": result.forwards,
         "ms_per_token": 1000 * seconds / result.forwards,
@@ -143,15 +218,21 @@ def decode_part(ctx: Context) -> None:
             # Warm-up: every kernel shape of the timed calls below, once.
             for mode in DECODE_MODES.values():
                 diffusion_decode(ctx, model, shape, prompts, 32, **mode)
+            for mode in VERIFIED_MODES.values():
+                verified_decode(ctx, model, shape, prompts, 32, **mode)
             ar_decode(ctx, model, shape, prompts, 8)
             row: dict[str, Any] = {}
             for name, mode in DECODE_MODES.items():
                 row[name] = diffusion_decode(ctx, model, shape, prompts, max_new, **mode)
                 ctx.log(f"{label} batch {batch} {name}: {row[name]['tokens_per_second']:.0f} tok/s")
-            row["hf_generate"] = ar_decode(ctx, model, shape, prompts, max_new)
-            ctx.log(
-                f"{label} batch {batch} generate: {row['hf_generate']['ms_per_token']:.1f} ms/tok"
-            )
+            reference, row["ar"] = ar_decode(ctx, model, shape, prompts, max_new)
+            ctx.log(f"{label} batch {batch} AR: {row['ar']['ms_per_token']:.1f} ms/tok")
+            for name, mode in VERIFIED_MODES.items():
+                same = None if mode["accept_all"] else reference
+                row[name] = verified_decode(
+                    ctx, model, shape, prompts, max_new, **mode, reference=same
+                )
+                ctx.log(f"{label} batch {batch} {name}: {row[name]['tokens_per_second']:.0f} tok/s")
             row["ms_per_denoising_forward"] = row["1_per_forward"]["ms_per_forward"]
             results[f"batch_{batch}"] = row
             ctx.record(label, results)

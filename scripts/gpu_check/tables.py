@@ -8,7 +8,7 @@ from typing import Any
 
 from gpu_check import PARTS
 from gpu_check.common import read_json
-from gpu_check.decode import DECODE_MODES
+from gpu_check.decode import DECODE_MODES, VERIFIED_MODES
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -121,7 +121,7 @@ def tables(out: Path) -> str:
             "",
         ]
     decode = (parts.get("decode") or {}).get("results") or {}
-    decode_rows = []
+    decode_rows, verified_rows = [], []
     for label, per_shape in decode.items():
         if label == "setup" or not isinstance(per_shape, dict):
             continue
@@ -134,12 +134,18 @@ def tables(out: Path) -> str:
                     label,
                     b,
                     row.get("ms_per_denoising_forward"),
-                    row["hf_generate"]["ms_per_token"],
-                    row["hf_generate"]["tokens_per_second"],
+                    row["ar"]["ms_per_token"],
+                    row["ar"]["tokens_per_second"],
                     *[row[m]["tokens_per_second"] for m in DECODE_MODES],
                     *[row[m]["tokens_per_denoising_step"] for m in DECODE_MODES],
                 ]
             )
+            verified_rows += [
+                [label, b, mode, r["tokens_per_second"], r["tokens_per_forward"],
+                 r["acceptance_length"], r["ms_per_forward"], r.get("same_as_ar")]
+                for mode in VERIFIED_MODES
+                if (r := row.get(mode))
+            ]  # fmt: skip
     if decode_rows:
         lines += ["## Decoding (tokens/s over the batch)", ""]
         lines += _table(
@@ -147,8 +153,8 @@ def tables(out: Path) -> str:
                 "model",
                 "batch",
                 "ms/denoising fwd",
-                "HF generate ms/tok",
-                "HF generate tok/s",
+                "AR ms/tok",
+                "AR tok/s",
                 "tok/s @1",
                 "tok/s @8",
                 "tok/s @32",
@@ -157,6 +163,12 @@ def tables(out: Path) -> str:
                 "tok/step @32",
             ],
             decode_rows,
+        )
+    if verified_rows:
+        lines += ["## Self-verified decoding (decoder=verified, single-forward drafts)", ""]
+        lines += _table(
+            ["model", "batch", "mode", "tok/s", "tok/fwd", "tok/verify", "ms/fwd", "= HF"],
+            verified_rows,
         )
     att = (parts.get("attention") or {}).get("results") or {}
     if att.get("sdpa"):

@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from src.decoding.base import GenerationResult, validate_prompts, vocab_size
-from src.decoding.cache import PositionCache, attention_mask
+from src.decoding.cache import PositionCache, attention_inputs, block_causal
 
 
 def generate_ar(
@@ -51,8 +51,9 @@ def generate_ar(
     return GenerationResult(tokens, forwards, seconds, [[1] * len(t) for t in tokens])
 
 
-def _argmax(logits: Tensor, vocab_limit: int | None) -> Tensor:
-    """`[n, V]` -> `[n]`: the most likely id below `vocab_limit` (float32, as HF's greedy)."""
+def greedy_token(logits: Tensor, vocab_limit: int | None) -> Tensor:
+    """`[..., V]` -> `[...]`: the most likely id below `vocab_limit` (in float32, as HF's
+    greedy search): the causal mode's choice, which `decoder=verified` checks drafts against."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if vocab_limit is not None:
         logits[..., vocab_limit:] = -torch.inf
@@ -73,25 +74,29 @@ def _greedy(
     for i, p in enumerate(prompt_ids):
         seq[i, : len(p)] = torch.tensor(p, device=device)
     cache = PositionCache(model.config.num_hidden_layers, seq.shape[1])
+    # Prompts of one length keep every row at the same position: each step's query then sees
+    # every slot, and the forward needs no mask (SDPA's fused kernels, `attention_inputs`).
+    aligned = len({len(p) for p in prompt_ids}) == 1
 
-    def forward(q_pos: Tensor, kv_len: int, keep: Tensor, prefill: bool = False) -> Tensor:
+    def forward(q_pos: Tensor, kv_len: int, keep: Tensor) -> Tensor:
         """Next-token logits `[n, V]` at query index `keep` `[n, 1]` of the tokens at `q_pos`."""
         cache.plan(q_pos, None, kv_len)
-        # Causal = block-causal with blocks of one token; prefill queries sit at [0, kv_len).
-        mask = attention_mask(model, None if prefill else q_pos, q_pos.shape[1], kv_len, 1)
+        # Causal = block-causal with blocks of one token.
+        rule = None if aligned and q_pos.shape[1] == 1 else block_causal(q_pos[:, 0], 1)
+        mask = attention_inputs(model, rule, q_pos.shape[0], q_pos.shape[1], kv_len)
         return model(
             input_ids=seq.gather(1, q_pos),
             position_ids=q_pos,
-            attention_mask=mask,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=keep,
+            **mask,
         ).logits[:, 0]
 
     # Prefill every row's prompt at positions [0, width): a shorter row computes junk past its
     # prompt, in slots its own next tokens overwrite before anything attends them.
     q_pos = torch.arange(width, device=device).expand(len(prompt_ids), width)
-    token = _argmax(forward(q_pos, width, (plen - 1)[:, None], prefill=True), vocab_limit)
+    token = greedy_token(forward(q_pos, width, (plen - 1)[:, None]), vocab_limit)
     forwards, pos, ids = 1, plen, torch.arange(len(prompt_ids), device=device)
     tokens: list[list[int]] = [[] for _ in prompt_ids]
     while True:
@@ -108,5 +113,5 @@ def _greedy(
             cache.select_rows(keep)
         # Slots up to the longest row's newest token (a shorter row masks the rest).
         logits = forward(pos[:, None], width + forwards, torch.zeros_like(pos)[:, None])
-        token = _argmax(logits, vocab_limit)
+        token = greedy_token(logits, vocab_limit)
         forwards, pos = forwards + 1, pos + 1

@@ -14,13 +14,19 @@ class GenerationResult:
     `tokens[i]` is the continuation of prompt i: it ends at (and includes) the stop token when
     one was produced and holds at most `max_new_tokens` ids. `forwards` counts model forward
     calls (prefill included; a batched forward counts once). `unmasked_per_step[i]` lists, for
-    each denoising step of sequence i, how many positions it unmasked (AR steps not included).
+    each denoising step of sequence i, how many positions it unmasked (AR steps not included;
+    for `decoder=verified`: how many positions a draft proposed). A decoder that has forwards
+    of several kinds counts them in `forwards_by_kind` (they sum to `forwards`), and one that
+    verifies lists in `accepted_per_iteration[i]` the tokens each verification of sequence i
+    made final.
     """
 
     tokens: list[list[int]]
     forwards: int
     seconds: float
     unmasked_per_step: list[list[int]] = field(default_factory=list)
+    forwards_by_kind: dict[str, int] = field(default_factory=dict)
+    accepted_per_iteration: list[list[int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -38,6 +44,17 @@ class GenerationResult:
     def denoising_steps(self) -> int:
         """Denoising steps summed over sequences."""
         return sum(len(s) for s in self.unmasked_per_step)
+
+    @property
+    def iterations(self) -> int:
+        """Verifications summed over sequences."""
+        return sum(len(a) for a in self.accepted_per_iteration)
+
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens made final per verification (>= 1; 0 without any)."""
+        accepted = sum(sum(a) for a in self.accepted_per_iteration)
+        return accepted / self.iterations if self.iterations else 0.0
 
 
 def vocab_size(model: PreTrainedModel) -> int:

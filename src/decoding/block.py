@@ -42,11 +42,12 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from src.decoding.base import GenerationResult, validate_prompts, vocab_size
-from src.decoding.cache import PositionCache, attention_mask
+from src.decoding.cache import PositionCache, Rule, attention_inputs, block_causal
 from src.decoding.settings import DecodeSettings
+from src.diffusion.settings import check_context
 
 
-def _choose(
+def choose_tokens(
     logits: Tensor,
     mask_token_id: int,
     temperature: float,
@@ -80,7 +81,7 @@ def _choose(
     return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def _check_ids(
+def check_ids(
     model: PreTrainedModel,
     prompt_ids: list[list[int]],
     mask_token_id: int,
@@ -115,6 +116,7 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     vocab_limit: int | None = None,
+    context: str = "block_causal",
 ) -> GenerationResult:
     """Cached parallel block-diffusion decoding of a batch of prompts (any lengths).
 
@@ -124,7 +126,8 @@ def generate(
     (an approximation; exact when `sub_block_size == block_size`). `temperature > 0` samples
     every token (AR steps too) with top-p truncation, drawing from `generator`. Ids from
     `vocab_limit` on (the tokenizer's length: untrained padding rows) are never emitted.
-    Raises ValueError on bad arguments before any forward (the settings' rules are
+    `context`: the export's `diffusion.context` (`causal`: the prefill and commits attend
+    causally, as the clean stream did in training; SPEC 6's one-cache variant). Raises ValueError on bad arguments before any forward (the settings' rules are
     `DecodeSettings`'s).
     """
     settings = DecodeSettings(
@@ -136,15 +139,17 @@ def generate(
         temperature=temperature,
         top_p=top_p,
     )
-    _check_ids(model, prompt_ids, mask_token_id, stop_token_id, max_new_tokens)
+    check_ids(model, prompt_ids, mask_token_id, stop_token_id, max_new_tokens)
+    check_context(context)
     decoder = _BlockDecoder(
         model,
         settings,
         mask_token_id=mask_token_id,
         stop_token_id=stop_token_id,
-        choose=lambda logits: _choose(
+        choose=lambda logits: choose_tokens(
             logits, mask_token_id, temperature, top_p, generator, vocab_limit
         ),
+        context=context,
     )
     started = time.perf_counter()
     with torch.inference_mode():
@@ -157,7 +162,12 @@ class _BlockDecoder:
 
     Row state: `seq` `[n, S]` tokens at absolute positions (mask id where not decoded yet),
     `masked` `[n, S]`, `start` `[n]` (current block's first position), `plen`/`limit` `[n]`
-    (prompt length; first position not to generate), `fresh` `[n]` (block keys not written yet).
+    (prompt length; first position not to generate), `fresh` `[n]` (block keys not written
+    yet), `picked` `[n]` (positions the last step unmasked; -1: it committed).
+
+    One device-to-host transfer per step (`_status`): what the next step's shapes, the
+    batch's membership and the statistics depend on comes back in one `.tolist()`; the rest
+    stays on the device.
     """
 
     def __init__(
@@ -168,6 +178,7 @@ class _BlockDecoder:
         mask_token_id: int,
         stop_token_id: int,
         choose: Callable[[Tensor], tuple[Tensor, Tensor]],
+        context: str = "block_causal",
     ) -> None:
         self.model = model
         self.mask_id, self.stop_id = mask_token_id, stop_token_id
@@ -175,62 +186,79 @@ class _BlockDecoder:
         self.threshold = settings.threshold
         self.use_sub_block_cache = settings.use_sub_block_cache
         self.choose = choose
+        # SPEC 6's one-cache variant: the committed context is causal (prefill and commits
+        # attend causally), as the clean stream was in training.
+        self.causal_context = context == "causal"
         self.forwards = 0
-        self.mask: tuple[tuple[bool, int, int], object] | None = None  # (key, attention mask)
+        self.mask_key: tuple | None = None
+        self.mask: dict = {}
         device = model.device
         self.ar_block = torch.arange(self.block, device=device)
         self.ar_sub = torch.arange(self.sub, device=device)
 
     def _forward(
-        self, q_pos: Tensor, write: Tensor | None, kv_len: int, keep: Tensor, prefill: bool = False
+        self,
+        q_pos: Tensor,
+        write: Tensor | None,
+        kv_len: int,
+        keep: Tensor,
+        mask_key: tuple,
+        rule: Callable[[], Rule | None],
     ) -> Tensor:
         """Logits `[n, k, V]` at query indices `keep` `[n, k]` of the tokens at `q_pos` `[n, q]`.
 
-        `write` and `kv_len` as in `PositionCache.plan`. Queries lie in each row's current
-        block, or for the `prefill` at positions `[0, kv_len)`.
+        `write` and `kv_len` as in `PositionCache.plan`. The attention rule (`rule()`, None:
+        every slot) is built again only when `mask_key` changes (rows' blocks move on commits
+        and retirements only).
         """
         self.cache.plan(q_pos, write, kv_len)
         self.forwards += 1
-        # Rows' blocks only move on commits and retirements (which reset `mask`): reuse it.
-        key = (prefill, q_pos.shape[1], kv_len)
-        if self.mask is None or self.mask[0] != key:
-            block_pos = None if prefill else self.start[:, None]
-            self.mask = key, attention_mask(self.model, block_pos, key[1], kv_len, self.block)
+        if self.mask_key != mask_key:
+            self.mask_key = mask_key
+            self.mask = attention_inputs(self.model, rule(), q_pos.shape[0], q_pos.shape[1], kv_len)
         return self.model(
             input_ids=self.seq.gather(1, q_pos),
             position_ids=q_pos,
-            attention_mask=self.mask[1],
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=keep,
+            **self.mask,
         ).logits
 
     def run(
         self, prompt_ids: list[list[int]], max_new_tokens: int
     ) -> tuple[list[list[int]], list[list[int]]]:
-        device, b = self.model.device, self.block
-        plen = torch.tensor([len(p) for p in prompt_ids], device=device)
+        device, b, n = self.model.device, self.block, len(prompt_ids)
+        self.host_plen = [len(p) for p in prompt_ids]
+        length = -(-(max(self.host_plen) + max_new_tokens) // b) * b
+        rows = [p + [self.mask_id] * (length - len(p)) for p in prompt_ids]
+        self.seq = torch.tensor(rows, device=device)  # [n, S]
+        plen = torch.tensor(self.host_plen, device=device)
         self.limit = plen + max_new_tokens
-        length = int(-(-self.limit.max() // b) * b)
-        self.seq = torch.full((len(prompt_ids), length), self.mask_id, device=device)
-        for i, p in enumerate(prompt_ids):
-            self.seq[i, : len(p)] = torch.tensor(p, device=device)
-        positions = torch.arange(length, device=device)
-        self.masked = positions >= plen[:, None]  # [n, S]
+        self.masked = torch.arange(length, device=device) >= plen[:, None]  # [n, S]
         self.plen, self.start = plen, plen // b * b
         self.fresh = torch.ones_like(plen, dtype=torch.bool)
-        self.ids = torch.arange(len(prompt_ids), device=device)
+        self.picked = torch.full_like(plen, -1)
+        self.ids = list(range(n))
         self.cache = PositionCache(self.model.config.num_hidden_layers, length)
-        self.tokens: list[list[int]] = [[] for _ in prompt_ids]
+        self.finished: list[tuple[int, Tensor]] = []
         self.unmasked: list[list[int]] = [[] for _ in prompt_ids]
         self._prefill()
-        while self._retire_finished():
-            self._step()
-        return self.tokens, self.unmasked
+        status = self._status()
+        while status:
+            self._step(status)
+            status = self._status()
+        tokens: list[list[int]] = [[] for _ in prompt_ids]
+        if self.finished:
+            flat = torch.cat([row for _, row in self.finished]).tolist()
+            for i, row in self.finished:
+                tokens[i], flat = flat[: len(row)], flat[len(row) :]
+        return tokens, self.unmasked
 
     def _prefill(self) -> None:
         """Whole prompt blocks, once; a prompt ending on a block boundary gets its first token."""
-        prefix = int(self.start.max())
+        b = self.block
+        prefix = max(p // b * b for p in self.host_plen)
         if prefix == 0:
             return
         n = self.seq.shape[0]
@@ -238,8 +266,14 @@ class _BlockDecoder:
         # first block forward overwrites before anything attends them.
         q_pos = torch.arange(prefix, device=self.seq.device).expand(n, prefix)
         last = (self.start - 1).clamp(min=0)[:, None]  # [n, 1]
-        token, _ = self.choose(self._forward(q_pos, None, prefix, last, prefill=True))  # [n, 1]
-        self._append_ar_token(self.plen % self.block == 0, token[:, 0])
+        width = 1 if self.causal_context else b
+
+        def rule() -> Rule | None:
+            return None if prefix == width else block_causal(torch.zeros_like(self.plen), width)
+
+        logits = self._forward(q_pos, None, prefix, last, ("prefill", prefix), rule)
+        token, _ = self.choose(logits)  # [n, 1]
+        self._append_ar_token(self.plen % b == 0, token[:, 0])
 
     def _append_ar_token(self, rows: Tensor, token: Tensor) -> None:
         """Put `token` `[n]` at the current block's first position for `rows` `[n]`."""
@@ -247,53 +281,65 @@ class _BlockDecoder:
         self.seq.scatter_(1, at, torch.where(rows, token, self.seq.gather(1, at)[:, 0])[:, None])
         self.masked.scatter_(1, at, self.masked.gather(1, at) & ~rows[:, None])
 
-    def _retire_finished(self) -> bool:
-        """Hand out rows that hit a stop token (no masks before it) or their token budget."""
-        b = self.block
+    def _status(self) -> list[list[int]]:
+        """Record the last step's statistics, hand out rows that hit a stop token (no masks
+        before it) or their token budget, and return the next step's plan of the others:
+        per row [committing, masked positions of its sub-block, full-block forward, start].
+        Empty: every row is done."""
+        n, b, s = self.seq.shape[0], self.block, self.sub
         pos = self.start[:, None] + self.ar_block  # [n, B]
         block, masked = self.seq.gather(1, pos), self.masked.gather(1, pos)
         generated = (pos >= self.plen[:, None]) & (pos < self.limit[:, None])
+        todo = masked & generated  # [n, B]
         stops = (block == self.stop_id) & ~masked & generated
         first_stop = torch.where(stops.any(1), stops.int().argmax(1), b)
-        before_stop = masked & generated & (self.ar_block < first_stop[:, None])
-        stopped = stops.any(1) & ~before_stop.any(1)
-        exhausted = ~(masked & generated).any(1) & (self.start + b >= self.limit)
+        stopped = stops.any(1) & ~(todo & (self.ar_block < first_stop[:, None])).any(1)
+        exhausted = ~todo.any(1) & (self.start + b >= self.limit)
         done = stopped | exhausted
-        if not done.any():
-            return True
         end = torch.where(stopped, self.start + first_stop + 1, self.limit)
-        for row in done.nonzero()[:, 0].tolist():
-            i = int(self.ids[row])
-            self.tokens[i] = self.seq[row, int(self.plen[row]) : int(end[row])].tolist()
-        keep = (~done).nonzero()[:, 0]
-        for name in ("seq", "masked", "start", "plen", "limit", "fresh", "ids"):
-            setattr(self, name, getattr(self, name)[keep])
-        self.cache.select_rows(keep)
-        self.mask = None
-        return len(keep) > 0
-
-    def _step(self) -> None:
-        """One forward for every active row: a denoising step, or the commit of its block."""
-        n, b, s = self.seq.shape[0], self.block, self.sub
-        pos = self.start[:, None] + self.ar_block  # [n, B]
-        block_masked = self.masked.gather(1, pos)
-        todo = block_masked & (pos < self.limit[:, None])  # [n, B]
         has_todo = todo.view(n, b // s, s).any(-1)  # [n, sub-blocks]
         committing = ~has_todo.any(1)  # [n]
         sub_start = has_todo.int().argmax(1) * s  # [n], block-relative
         in_sub = todo.gather(1, sub_start[:, None] + self.ar_sub)  # [n, s]
+        full = committing | self.fresh | masked.gather(1, sub_start[:, None])[:, 0]
+        self.plan = pos, masked, committing, sub_start, in_sub, full
+        columns = (done, end, self.picked, committing, in_sub.sum(1), full, self.start)
+        status = torch.stack([c.long() for c in columns], 1).tolist()  # the step's one sync
+
+        for i, (_, _, picked, *_) in zip(self.ids, status, strict=True):
+            if picked >= 0:
+                self.unmasked[i].append(picked)
+        keep = [r for r, row in enumerate(status) if not row[0]]
+        if len(keep) < n:
+            for r, row in enumerate(status):
+                if row[0]:
+                    self.finished.append((self.ids[r], self.seq[r, self.host_plen[r] : row[1]]))
+            index = torch.tensor(keep, dtype=torch.long, device=self.seq.device)
+            for name in ("seq", "masked", "start", "plen", "limit", "fresh", "picked"):
+                setattr(self, name, getattr(self, name)[index])
+            self.plan = tuple(t[index] for t in self.plan)
+            self.ids = [self.ids[r] for r in keep]
+            self.host_plen = [self.host_plen[r] for r in keep]
+            self.cache.select_rows(index)
+            self.mask_key = None
+        return [status[r][3:] for r in keep]
+
+    def _step(self, status: list[list[int]]) -> None:
+        """One forward for every active row: a denoising step, or the commit of its block."""
+        b, s = self.block, self.sub
+        pos, block_masked, committing, sub_start, in_sub, full_rows = self.plan
+        commits, starts = tuple(r[0] for r in status), tuple(r[3] for r in status)
         # The positions to decide, masked ones first (ascending), cut to the widest row.
         order = torch.sort((~in_sub).char(), dim=1, stable=True).indices
-        k = max(int(in_sub.sum(1).max()), 1)
+        k = max(max(r[1] for r in status), 1)
         targets = sub_start[:, None] + order[:, :k]  # [n, k], block-relative
         valid = in_sub.gather(1, order[:, :k])
 
-        full_rows = committing | self.fresh | block_masked.gather(1, sub_start[:, None])[:, 0]
-        kv_len = int(self.start.max()) + b
+        kv_len = max(starts) + b
         q_first = torch.zeros_like(sub_start)  # block-relative position of query index 0
-        if not self.use_sub_block_cache or full_rows.all():
+        if not self.use_sub_block_cache or all(r[2] for r in status):
             q_pos, write = pos, None
-        elif full_rows.any():
+        elif any(r[2] for r in status):
             sub_end = sub_start[:, None] + s
             in_sub_slots = (self.ar_block >= sub_start[:, None]) & (self.ar_block < sub_end)
             q_pos, write = pos, full_rows[:, None] | in_sub_slots
@@ -303,7 +349,22 @@ class _BlockDecoder:
         # position); a commit reads the block's last logit.
         source = (targets - 1 - q_first[:, None]).clamp(min=0)  # [n, k] query indices
         source[:, 0] = torch.where(committing, b - 1, source[:, 0])
-        logits = self._forward(q_pos, write, kv_len, source)
+        causal = commits if self.causal_context else (False,) * len(commits)
+        start = self.start
+
+        def rule() -> Rule | None:
+            # Every query lies in its row's block; with the rows' blocks aligned and no causal
+            # commit, each sees every slot below kv_len.
+            if len(set(starts)) == 1 and not any(causal):
+                return None
+            block_rule = block_causal(start, b)
+            if not any(causal):
+                return block_rule
+            causal_rows = torch.tensor(causal, dtype=torch.bool, device=start.device)
+            return lambda r, q, kv: block_rule(r, q, kv) & (~causal_rows[r] | (kv <= start[r] + q))
+
+        key = ("step", q_pos.shape[1], kv_len, starts, causal)
+        logits = self._forward(q_pos, write, kv_len, source, key, rule)
         token, confidence = self.choose(logits)  # [n, k]
 
         confidence = confidence.masked_fill(~valid, -torch.inf)
@@ -313,14 +374,7 @@ class _BlockDecoder:
         at = self.start[:, None] + targets
         self.seq.scatter_(1, at, torch.where(pick, token, self.seq.gather(1, at)))
         self.masked.scatter_(1, at, self.masked.gather(1, at) & ~pick)
-        for i, count, commit in zip(
-            self.ids.tolist(), pick.sum(1).tolist(), committing.tolist(), strict=True
-        ):
-            if not commit:
-                self.unmasked[i].append(count)
-
+        self.picked = torch.where(committing, -1, pick.sum(1))
         self.fresh = committing
-        if committing.any():
-            self.start = torch.where(committing, self.start + b, self.start)
-            self.mask = None
-            self._append_ar_token(committing, token[:, 0])
+        self.start = torch.where(committing, self.start + b, self.start)
+        self._append_ar_token(committing, token[:, 0])

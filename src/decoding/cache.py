@@ -3,11 +3,16 @@
 Slot p of row i holds the keys and values of position p of sequence i. Every forward writes
 the keys/values of its query tokens into their slots before attention (`plan` says where), so
 a denoising step writes draft keys for the current block and the commit pass overwrites them
-with the exact ones: the cache never has to be cropped or copied. `attention_mask` is the
-block-causal rule over the slots, in the form the model's attention backend takes.
+with the exact ones: the cache never has to be cropped or copied. `attention_inputs` puts a
+rule over (row, query, slot) in the form the model's attention backend takes.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -84,29 +89,64 @@ class PositionCache(Cache):
             layer.select_rows(keep)
 
 
-def attention_mask(
-    model: PreTrainedModel, q_pos: Tensor | None, q_len: int, kv_len: int, block_size: int
-) -> object:
-    """Block-causal attention over slots `[0, kv_len)` of `q_len` queries, in the form the
-    model's attention backend takes (flex: a BlockMask; others: a float additive mask).
+Rule = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-    `q_pos` `[n, 1]` is the position of each row's current block, which all its queries share;
-    None means the queries sit at positions `[0, q_len)` (prefill, the same for every row).
+
+def attention_inputs(
+    model: PreTrainedModel, allowed: Rule | None, rows: int, q_len: int, kv_len: int
+) -> dict[str, Any]:
+    """The attention keyword arguments of a forward of `q_len` queries over slots
+    `[0, kv_len)`, under `allowed(row, query index, slot) -> bool` (broadcastable index
+    tensors; per-row state is indexed by `row` only, see below), in the form the model's
+    attention backend takes:
+
+    - `allowed` None (every query sees every slot: e.g. one row denoising its block): no mask
+      at all, and `is_causal=False`. SDPA then runs its fused kernels and, on CUDA, native
+      grouped-query attention (transformers passes `enable_gqa` only without a mask; with one
+      it copies the keys/values of every KV head for each query head, `repeat_kv`).
+    - `sdpa`: a bool `[rows, 1, q, kv]` mask (True: attend), which SDPA takes as it is;
+    - `eager`: a float additive mask (eager adds a bool mask to the scores: silently wrong);
+    - `flex_attention`: a BlockMask. Its `mask_mod` reads per-row tensors by row only:
+      indexing them by query too makes inductor's CPU flex template emit C++ that does not
+      compile (torch 2.13).
     """
-    if model.config._attn_implementation == "flex_attention":
+    implementation = model.config._attn_implementation
+    if allowed is None and implementation != "flex_attention" and takes_mask_mapping(model):
+        layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
+        # A dict is taken as the prepared per-layer-type masks: transformers builds none.
+        return {"attention_mask": dict.fromkeys(layer_types), "is_causal": False}
+    rule = allowed if allowed is not None else lambda b, q, kv: kv >= 0
+    device = model.device
+    if implementation == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        # The rule reads q_pos by row only: indexing it by query too makes inductor's CPU
-        # flex template emit C++ that does not compile (torch 2.13).
         def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-            return block_causal_allowed(q if q_pos is None else q_pos[b, 0], kv, block_size)
+            return rule(b, q, kv)
 
-        rows = None if q_pos is None else q_pos.shape[0]
-        device = model.device
-        return create_block_mask(mask_mod, rows, None, q_len, kv_len, device=device)
-    device = model.device if q_pos is None else q_pos.device
-    if q_pos is None:
-        q_pos = torch.arange(q_len, device=device)[None]  # [1, q]
-    k_pos = torch.arange(kv_len, device=device)
-    allowed = block_causal_allowed(q_pos[..., None], k_pos, block_size)  # [n | 1, q | 1, kv]
-    return additive_mask(allowed, model.dtype)  # [n | 1, 1, q | 1, kv]
+        mask = create_block_mask(mask_mod, rows, None, q_len, kv_len, device=device)
+        return {"attention_mask": mask}
+    b = torch.arange(rows, device=device)[:, None, None]
+    q = torch.arange(q_len, device=device)[None, :, None]
+    kv = torch.arange(kv_len, device=device)[None, None, :]
+    dense = rule(b, q, kv).expand(rows, q_len, kv_len)  # [n, q, kv]
+    if implementation == "sdpa":
+        return {"attention_mask": dense[:, None]}
+    return {"attention_mask": additive_mask(dense, model.dtype)}  # [n, 1, q, kv]
+
+
+def takes_mask_mapping(model: PreTrainedModel) -> bool:
+    """Whether the model's base forward takes prepared masks per layer type (a dict; None: no
+    mask), as transformers 5's Qwen2 does. Others (e.g. Llama) build a causal mask from
+    anything but a 4D one, so they get an explicit mask even where every slot is allowed."""
+    return _takes_mask_mapping(type(model.base_model))
+
+
+@functools.cache
+def _takes_mask_mapping(model_class: type) -> bool:
+    return "attention_mask, dict)" in inspect.getsource(model_class.forward)
+
+
+def block_causal(q_pos: Tensor, block_size: int) -> Rule:
+    """SPEC section 3's rule for rows whose queries sit at `q_pos[row] + query index`
+    (`q_pos` `[n]`): a query sees the slots of its own block and of every earlier one."""
+    return lambda b, q, kv: block_causal_allowed(q_pos[b] + q, kv, block_size)

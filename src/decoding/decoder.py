@@ -5,14 +5,17 @@
     decoder = make_decoder(Export(model, tokenizer, settings), decode)           # in memory
     result = decoder.generate([prompt_ids])   # GenerationResult
 
-The trained block size is read from the export (`diffusion.json`); the decoder name is
-`diffusion` (cached parallel decoding, SPEC section 3) or `ar` (greedy AR decoding over a KV
-cache, the baseline), and None picks `ar` for an export trained with the AR objective.
+The trained block size and context are read from the export (`diffusion.json`); the decoder
+name is `diffusion` (cached parallel decoding, SPEC section 3), `ar` (greedy AR decoding over a
+KV cache, the baseline) or `verified` (the block-diffusion mode drafts, the causal mode
+verifies: `ar`'s tokens, SPEC section 6), and None picks `ar` for an export trained with the AR
+objective.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,9 +28,12 @@ from src.decoding.ar import generate_ar
 from src.decoding.base import GenerationResult
 from src.decoding.block import generate
 from src.decoding.settings import DecodeSettings
+from src.decoding.verified import generate_verified
 from src.model.export import Export, load_export, read_settings
 
-DECODERS = ("diffusion", "ar")
+log = logging.getLogger(__name__)
+
+DECODERS = ("diffusion", "ar", "verified")
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,8 @@ class Decoder:
 
     def replace(self, **changes: Any) -> Decoder:
         """The same decoder with some settings changed (e.g. a request's token budget)."""
-        return dataclasses.replace(self, settings=self.settings.replace(**changes))
+        settings = check_settings(self.name, self.settings.replace(**changes))
+        return dataclasses.replace(self, settings=settings)
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class DiffusionDecoder(Decoder):
             stop_token_id=trained["stop_token_id"],
             generator=self.generator,
             vocab_limit=len(self.tokenizer),
+            context=trained_context(trained),
             **self.settings.generate_kwargs(),
         )
 
@@ -86,6 +94,55 @@ class ARDecoder(Decoder):
         )
 
 
+@dataclass(frozen=True)
+class VerifiedDecoder(Decoder):
+    """Self-verified decoding (`src.decoding.verified.generate_verified`): `ar`'s greedy
+    tokens; of the settings it uses the block and sub-block sizes, the threshold, `draft` and
+    `max_new_tokens`."""
+
+    name: ClassVar[str] = "verified"
+
+    @property
+    def causal_mode_trained(self) -> bool:
+        """Whether the export's causal mode was trained (the AR term, `diffusion.ar_weight`
+        > 0): without it verification stays exact but accepts fewer drafts."""
+        return (self.export.settings.get("ar_weight") or 0) > 0
+
+    def generate(self, prompt_ids: list[list[int]]) -> GenerationResult:
+        trained = self.export.settings
+        s = self.settings
+        return generate_verified(
+            self.export.model,
+            prompt_ids,
+            mask_token_id=trained["mask_token_id"],
+            stop_token_id=trained["stop_token_id"],
+            block_size=s.block_size,
+            sub_block_size=s.sub_block_size,
+            threshold=s.threshold,
+            max_new_tokens=s.max_new_tokens,
+            draft=s.draft,
+            context=trained_context(trained),
+            vocab_limit=len(self.tokenizer),
+        )
+
+
+def trained_context(trained: Mapping[str, Any]) -> str:
+    """The export's `diffusion.context` (absent: `block_causal`, the paper's)."""
+    return trained.get("context") or "block_causal"
+
+
+def note_untrained_causal_mode(decoder: Decoder, acceptance_length: float) -> None:
+    """The one log line SPEC 6 asks for when `decoder=verified` runs on an export whose
+    causal mode was not trained (the paper's recipe): exact all the same, but slower."""
+    if isinstance(decoder, VerifiedDecoder) and not decoder.causal_mode_trained:
+        log.warning(
+            "decoder=verified: the causal mode of this export was not trained (diffusion."
+            "ar_weight is 0 or absent): the tokens are still exactly its greedy ones, with "
+            "%.2f tokens accepted per verification",
+            acceptance_length,
+        )
+
+
 def check_decoder_name(decoder: str | None) -> None:
     """ConfigError unless `decoder` names a decoder (None: chosen from the export)."""
     if decoder is not None and decoder not in DECODERS:
@@ -97,23 +154,40 @@ def decoder_name(decoder: str | None, trained: Mapping[str, Any], where: str = "
     check_decoder_name(decoder)
     if decoder is None:
         decoder = "ar" if trained.get("objective") == "ar" else "diffusion"
-    if decoder == "diffusion" and trained.get("objective") == "ar":
+    where = where or "the export"
+    if decoder == "ar":
+        return decoder
+    if trained.get("objective") == "ar":
         raise ConfigError(
-            f"{where or 'the export'} was trained with the AR objective, not block diffusion: "
+            f"{where} was trained with the AR objective, not block diffusion: "
             "decode it with decoder=ar"
         )
-    if decoder == "diffusion" and trained.get("token_shift") is False:
+    if trained.get("token_shift") is False:
         # The decoder scores position j with the logit at j-1 and starts each block with the
         # previous block's last logit (SPEC section 3); an unshifted model would be misread.
         raise ConfigError(
-            f"{where or 'the export'} was trained with diffusion.token_shift=false, which the "
-            "block decoder cannot decode: retrain with token_shift=true, or use decoder=ar"
+            f"{where} was trained with diffusion.token_shift=false, which the "
+            f"{decoder} decoder cannot decode: retrain with token_shift=true, or use decoder=ar"
         )
-    if decoder == "diffusion" and trained.get("mask_token_id") is None:
-        raise ConfigError(
-            f"{where or 'the export'} has no mask token, so it cannot diffuse: use decoder=ar"
-        )
+    if trained.get("mask_token_id") is None:
+        raise ConfigError(f"{where} has no mask token, so it cannot diffuse: use decoder=ar")
     return decoder
+
+
+def check_settings(decoder: str, settings: DecodeSettings) -> DecodeSettings:
+    """ConfigError for settings `decoder` cannot decode with: `verified` is greedy, and its
+    drafts come from SPEC 3's decoder without the (approximate) sub-block cache."""
+    if decoder == "verified" and settings.temperature > 0:
+        raise ConfigError(
+            f"decoder=verified is greedy (decode.temperature={settings.temperature}): "
+            "set decode.temperature=0, or sample with decoder=diffusion"
+        )
+    if decoder == "verified" and settings.use_sub_block_cache:
+        raise ConfigError(
+            "decoder=verified drafts without the sub-block cache: "
+            "set decode.use_sub_block_cache=false"
+        )
+    return settings
 
 
 def make_decoder(
@@ -127,8 +201,11 @@ def make_decoder(
     name = decoder_name(decoder, export.settings)
     if not isinstance(decode, DecodeSettings):
         decode = DecodeSettings.resolve(decode, export.settings["block_size"])
+    check_settings(name, decode)
     if name == "ar":
         return ARDecoder(export, decode)
+    if name == "verified":
+        return VerifiedDecoder(export, decode)
     return DiffusionDecoder(export, decode, generator)
 
 
@@ -137,9 +214,8 @@ def check_export(
 ) -> tuple[str, DecodeSettings]:
     """Every check of decoding `path` that needs no model: (decoder name, settings)."""
     trained = read_settings(path)
-    return decoder_name(decoder, trained, path), DecodeSettings.resolve(
-        decode, trained["block_size"]
-    )
+    name = decoder_name(decoder, trained, path)
+    return name, check_settings(name, DecodeSettings.resolve(decode, trained["block_size"]))
 
 
 def load_decoder_from_config(cfg: Mapping[str, Any]) -> Decoder:

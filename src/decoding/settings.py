@@ -15,13 +15,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config import CONF_DIR, ConfigError
 
+# How decoder=verified drafts (SPEC 6): one forward per draft, or SPEC 3's threshold loop.
+DRAFTS = ("single", "threshold")
+
 
 @dataclass(frozen=True)
 class DecodeSettings:
     """How `generate` decodes: block and sub-block sizes, the unmasking threshold (>= 1: one
     token per step; 0: a sub-block per step), the token budget, the sub-block cache switch,
-    sampling (temperature 0: greedy) and whether a block size other than the trained one is
-    allowed (the paper's Table 4 ablation)."""
+    sampling (temperature 0: greedy), whether a block size other than the trained one is
+    allowed (the paper's Table 4 ablation), and how `decoder=verified` drafts (`draft`:
+    `single`, one forward proposing every masked position of the block, or `threshold`,
+    SPEC 3's threshold loop; SPEC 6)."""
 
     block_size: int
     sub_block_size: int
@@ -31,6 +36,7 @@ class DecodeSettings:
     temperature: float
     top_p: float
     allow_block_size_mismatch: bool = False
+    draft: str = "single"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -56,6 +62,8 @@ class DecodeSettings:
             raise ConfigError(f"decode.temperature={self.temperature} must be >= 0 (0: greedy)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"decode.top_p={self.top_p} must be in (0, 1]")
+        if self.draft not in DRAFTS:
+            raise ConfigError(f"decode.draft={self.draft!r}: choose {' or '.join(DRAFTS)}")
 
     @classmethod
     def resolve(cls, decode: Mapping[str, Any], trained_block_size: int) -> DecodeSettings:
@@ -99,7 +107,7 @@ class DecodeSettings:
     def generate_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `src.decoding.generate` these settings stand for."""
         values = dataclasses.asdict(self)
-        del values["allow_block_size_mismatch"]
+        del values["allow_block_size_mismatch"], values["draft"]
         return values
 
     def as_dict(self) -> dict[str, Any]:

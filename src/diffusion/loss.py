@@ -65,6 +65,7 @@ def block_diffusion_logits(
     block_size: int,
     *,
     shared_clean_stream: bool = True,
+    context: str = "block_causal",
 ) -> Tensor:
     """Logits at the noisy positions, unshifted: `[b, l, V]` or `[b, v, l, V]`.
 
@@ -72,16 +73,34 @@ def block_diffusion_logits(
     views) with the same RoPE positions 0..l-1 in every part. With
     ``shared_clean_stream=False`` each view runs as its own ``[x_t; x_0]`` sequence instead
     (the official recipe's layout: 4L tokens for two views instead of 3L); both give the
-    same logits, since a view never attends another view.
+    same logits, since a view never attends another view. `context`: what x_0 attends
+    (`src.diffusion.masks`).
     """
+    logits, _ = _logits(model, noisy_ids, clean_ids, block_size, shared_clean_stream, context)
+    return logits
+
+
+def _logits(
+    model: torch.nn.Module,
+    noisy_ids: Tensor,
+    clean_ids: Tensor,
+    block_size: int,
+    shared_clean_stream: bool,
+    context: str,
+    with_clean: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """`block_diffusion_logits`, and with `with_clean` the clean stream's logits `[b, l, V]`
+    from the same forward (else None)."""
     single_view = noisy_ids.dim() == 2
     noisy = noisy_ids[:, None] if single_view else noisy_ids  # [b, v, l]
     b, v, l = noisy.shape
     if v > 1 and not shared_clean_stream:
-        logits = block_diffusion_logits(
-            model, noisy.reshape(b * v, 1, l), clean_ids.repeat_interleave(v, dim=0), block_size
-        )
-        return logits.view(b, v, l, -1)
+        logits, clean = _logits(
+            model, noisy.reshape(b * v, 1, l), clean_ids.repeat_interleave(v, dim=0),
+            block_size, True, context, with_clean,
+        )  # fmt: skip
+        clean = None if clean is None else clean.view(b, v, l, -1)[:, 0]  # the views' x_0 agree
+        return logits.view(b, v, l, -1), clean
     input_ids = torch.cat([noisy.reshape(b, v * l), clean_ids], dim=1)  # [b, (v+1)l]
     position_ids = torch.arange(l, device=clean_ids.device).repeat(v + 1).expand(b, -1)
     mask = _cached_attention(
@@ -91,24 +110,29 @@ def block_diffusion_logits(
         model.config._attn_implementation,
         model.dtype,
         clean_ids.device,
+        context,
     )
+    keep = (v + 1 if with_clean else v) * l
     out = model(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=position_ids,
-        logits_to_keep=torch.arange(v * l, device=clean_ids.device),
+        logits_to_keep=torch.arange(keep, device=clean_ids.device),
         use_cache=False,
     )
-    logits = out.logits.view(b, v, l, -1)  # [b, v, l, V]
-    return logits[:, 0] if single_view else logits
+    logits = out.logits.view(b, -1, l, out.logits.shape[-1])  # [b, v (+1), l, V]
+    clean = logits[:, v] if with_clean else None
+    logits = logits[:, :v]
+    return (logits[:, 0] if single_view else logits), clean
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_attention(l, block_size, v, implementation, dtype, device):  # noqa: ANN001, ANN202
+def _cached_attention(l, block_size, v, implementation, dtype, device, context):  # noqa: ANN001, ANN202
     # The mask depends only on the shapes: building it each step costs O((3L)^2) for nothing.
     return block_diffusion_attention(
-        l, block_size, v, implementation=implementation, dtype=dtype, device=device
-    )
+        l, block_size, v, implementation=implementation, dtype=dtype, device=device,
+        context=context,
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
@@ -179,6 +203,7 @@ def block_diffusion_loss(
     distill_weight: float = 0.0,
     distill_temperature: float = 1.0,
     ar_weight: float = 0.0,
+    context: str = "block_causal",
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Cross-entropy on the masked supervised tokens, over the number of supervised tokens.
@@ -190,7 +215,9 @@ def block_diffusion_loss(
     SPEC, `ar_weight` mu > 0 adds mu times the student's own next-token loss (`ar_loss`, a
     causal forward of x_0 with gradient): it keeps the AR-init's causal computation trained,
     which the converted model loses (experiments/recipe: arithmetic fails even one token per
-    step, with every earlier token clean).
+    step, with every earlier token clean). With `context="causal"` (SPEC 6's one-cache
+    variant) the clean stream attends causally, so its logits in the same forward are the AR
+    next-token logits and the AR term needs no forward of its own.
     """
     masked = sample_masked_positions(
         labels,
@@ -204,9 +231,10 @@ def block_diffusion_loss(
     )  # [b, v, l]
     clean = input_ids[:, None].expand_as(masked)  # [b, v, l]
     noisy = torch.where(masked, mask_token_id, clean)
-    logits = block_diffusion_logits(
-        model, noisy, input_ids, block_size, shared_clean_stream=shared_clean_stream
-    )  # [b, v, l, V]
+    one_forward_ar = ar_weight > 0 and context == "causal"
+    logits, clean_logits = _logits(
+        model, noisy, input_ids, block_size, shared_clean_stream, context, one_forward_ar
+    )  # [b, v, l, V], [b, l, V] | None
     num_supervised = (labels != IGNORE_INDEX).sum()
     loss = shifted_cross_entropy(logits, clean, masked, num_supervised, token_shift=token_shift)
     if distill_weight > 0:
@@ -224,7 +252,12 @@ def block_diffusion_loss(
             token_shift=token_shift,
         )
     if ar_weight > 0:
-        loss = loss + ar_weight * ar_loss(model, input_ids, labels)
+        ar = (
+            next_token_loss(clean_logits, input_ids, labels)
+            if one_forward_ar
+            else ar_loss(model, input_ids, labels)
+        )
+        loss = loss + ar_weight * ar
     return loss
 
 
@@ -232,6 +265,11 @@ def ar_loss(model: torch.nn.Module, input_ids: Tensor, labels: Tensor) -> Tensor
     """Plain next-token loss on the supervised tokens (the `objective=ar` control)."""
     mask = _cached_causal(input_ids.shape[1], model.config._attn_implementation, input_ids.device)
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits  # [b, l, V]
+    return next_token_loss(logits, input_ids, labels)
+
+
+def next_token_loss(logits: Tensor, input_ids: Tensor, labels: Tensor) -> Tensor:
+    """The next-token loss of causal logits `[b, l, V]` on the supervised tokens."""
     supervised = labels != IGNORE_INDEX
     return shifted_cross_entropy(
         logits, input_ids, supervised, supervised[:, 1:].sum(), token_shift=True

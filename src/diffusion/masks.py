@@ -10,7 +10,10 @@ blk(i) = (i mod L) // B, the mask is the union of three named parts (after bd3lm
 - block-diagonal:       x_t query of block b -> keys of block b of the *same* view
                         (bidirectional inside the block; views never see each other);
 - offset block-causal:  x_t query of block b -> x_0 keys of blocks < b;
-- block-causal:         x_0 query of block b -> x_0 keys of blocks <= b.
+- block-causal:         x_0 query of block b -> x_0 keys of blocks <= b
+  (`context="block_causal"`, the paper's), or in its place
+- causal:               x_0 query i -> x_0 keys <= i (`context="causal"`, SPEC 6's one-cache
+                        variant: the clean stream is the AR model's own forward).
 
 Inference (decoding) is block-causal over absolute positions: a token sees every token of
 its own block and of all earlier blocks.
@@ -28,7 +31,12 @@ from torch import Tensor
 
 
 def block_diffusion_allowed(
-    q: Tensor, k: Tensor, seq_len: int, block_size: int, num_views: int
+    q: Tensor,
+    k: Tensor,
+    seq_len: int,
+    block_size: int,
+    num_views: int,
+    context: str = "block_causal",
 ) -> Tensor:
     """The training rule for query indices `q` and key indices `k` (broadcastable)."""
     q_view, k_view = q // seq_len, k // seq_len
@@ -36,15 +44,22 @@ def block_diffusion_allowed(
     q_clean, k_clean = q_view == num_views, k_view == num_views
     block_diagonal = ~q_clean & (q_view == k_view) & (q_block == k_block)
     offset_block_causal = ~q_clean & k_clean & (k_block < q_block)
-    block_causal = q_clean & k_clean & (k_block <= q_block)
-    return block_diagonal | offset_block_causal | block_causal
+    if context == "causal":
+        clean = q_clean & k_clean & (k % seq_len <= q % seq_len)
+    else:
+        clean = q_clean & k_clean & (k_block <= q_block)  # block-causal
+    return block_diagonal | offset_block_causal | clean
 
 
-def block_diffusion_mask(seq_len: int, block_size: int, num_views: int = 1) -> Tensor:
+def block_diffusion_mask(
+    seq_len: int, block_size: int, num_views: int = 1, context: str = "block_causal"
+) -> Tensor:
     """Bool mask `[(V+1)L, (V+1)L]`, laid out ``[x_t view 1, ..., x_t view V, x_0]``."""
     n = (num_views + 1) * seq_len
     idx = torch.arange(n)
-    return block_diffusion_allowed(idx[:, None], idx[None, :], seq_len, block_size, num_views)
+    return block_diffusion_allowed(
+        idx[:, None], idx[None, :], seq_len, block_size, num_views, context
+    )
 
 
 def block_causal_allowed(q_pos: Tensor, k_pos: Tensor, block_size: int) -> Tensor:
@@ -67,6 +82,7 @@ def block_diffusion_attention(
     implementation: str,
     dtype: torch.dtype,
     device: torch.device,
+    context: str = "block_causal",
 ) -> object:
     """The training mask in the form the model's attention backend expects.
 
@@ -76,9 +92,11 @@ def block_diffusion_attention(
     n = (num_views + 1) * seq_len
     if implementation == "flex_attention":
         return _flex_mask(
-            lambda q, k: block_diffusion_allowed(q, k, seq_len, block_size, num_views), n, device
+            lambda q, k: block_diffusion_allowed(q, k, seq_len, block_size, num_views, context),
+            n,
+            device,
         )
-    allowed = block_diffusion_mask(seq_len, block_size, num_views).to(device)
+    allowed = block_diffusion_mask(seq_len, block_size, num_views, context).to(device)
     return additive_mask(allowed, dtype).unsqueeze(0)
 
 

@@ -10,6 +10,21 @@ from src.config import ConfigError
 OBJECTIVES = ("block_diffusion", "ar")
 MASKINGS = ("uniform", "position_dependent")
 SECOND_VIEWS = ("complement", "resample")
+# What the clean stream x_0 attends in training, and so the committed context at inference
+# (SPEC 6): block-causally (the paper's), or causally (the one-cache variant).
+CONTEXTS = ("block_causal", "causal")
+
+
+def check_context(context: object, key: str = "diffusion.context") -> None:
+    """ConfigError unless `context` names a context of SPEC 6."""
+    if context not in CONTEXTS:
+        raise ConfigError(f"{key}={context!r}: choose {' or '.join(CONTEXTS)}")
+
+
+def ar_term_from_clean_stream(diffusion: Mapping[str, Any]) -> bool:
+    """Whether the AR term comes from the clean stream's logits of the block-diffusion
+    forward (SPEC 6's one-cache variant), not from a causal forward of its own."""
+    return diffusion.get("ar_weight", 0.0) > 0 and diffusion.get("context") == "causal"
 
 
 def check_diffusion(diffusion: Mapping[str, Any]) -> None:
@@ -42,6 +57,7 @@ def check_diffusion(diffusion: Mapping[str, Any]) -> None:
             "diffusion.distill_weight > 0 distils into a block-diffusion model: "
             "set diffusion.objective=block_diffusion, or distill_weight=0"
         )
+    check_context(diffusion.get("context", "block_causal"))
     ar_weight = diffusion.get("ar_weight", 0.0)
     if ar_weight < 0:
         raise ConfigError(f"diffusion.ar_weight={ar_weight} must be >= 0 (0: no AR term)")

@@ -142,4 +142,10 @@ def summary(metrics: dict[str, Any]) -> str:
         f"{metrics['tokens_per_forward']:.2f} tokens/forward (batch {metrics['batch_size']}) | "
         f"{metrics['unmasked_per_step']:.2f} tokens/step per sequence | "
         f"{metrics['forwards']} forwards"
+        + (
+            f" ({', '.join(f'{n} {k}' for k, n in metrics['forwards_by_kind'].items())}) | "
+            f"{metrics['acceptance_length']:.2f} tokens accepted per verification"
+            if metrics["acceptance_length"]
+            else ""
+        )
     )

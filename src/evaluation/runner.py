@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from src.decoding import Decoder
+from src.decoding import Decoder, GenerationResult, note_untrained_causal_mode
 from src.decoding.base import validate_prompts
 from src.evaluation.benchmarks import Benchmark
 
@@ -78,13 +78,30 @@ class Evaluation:
     denoising_steps: int = 0
     unmasked: int = 0
     score_errors: int = 0
+    forwards_by_kind: dict[str, int] = field(default_factory=dict)
+    iterations: int = 0
+    accepted: int = 0
 
-    def metrics(self, metric: str) -> dict[str, float | int]:
+    def add(self, result: GenerationResult) -> None:
+        """Count the cost of one decoded batch."""
+        self.tokens += result.num_tokens
+        self.forwards += result.forwards
+        self.seconds += result.seconds
+        self.denoising_steps += result.denoising_steps
+        self.unmasked += sum(sum(steps) for steps in result.unmasked_per_step)
+        for kind, count in result.forwards_by_kind.items():
+            self.forwards_by_kind[kind] = self.forwards_by_kind.get(kind, 0) + count
+        self.iterations += result.iterations
+        self.accepted += sum(sum(a) for a in result.accepted_per_iteration)
+
+    def metrics(self, metric: str) -> dict[str, Any]:
         """Score (`metric` = accuracy or pass@1) and decoding cost.
 
-        `tokens_per_forward` counts a batched forward once (the decoder's definition);
+        `tokens_per_forward` counts a batched forward once (the decoder's definition), over
+        forwards of every kind (`forwards_by_kind`, for decoders with several);
         `unmasked_per_step` is the mean parallelism of one sequence's denoising steps
-        (1.0 at threshold 1).
+        (1.0 at threshold 1; `decoder=verified`: positions per draft) and
+        `acceptance_length` the tokens one verification made final (`decoder=verified`).
         """
         n = len(self.samples)
         return {
@@ -99,7 +116,14 @@ class Evaluation:
             "unmasked_per_step": (
                 self.unmasked / self.denoising_steps if self.denoising_steps else 0.0
             ),
+            "forwards_by_kind": dict(self.forwards_by_kind),
+            "acceptance_length": self.acceptance_length,
         }
+
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens made final per verification (0 without any)."""
+        return self.accepted / self.iterations if self.iterations else 0.0
 
     def by_task(self) -> dict[str, float]:
         """Mean score per task family, for benchmarks whose problems name one (synthetic)."""
@@ -120,6 +144,10 @@ class Evaluation:
             merged.denoising_steps += part.denoising_steps
             merged.unmasked += part.unmasked
             merged.score_errors += part.score_errors
+            for kind, count in part.forwards_by_kind.items():
+                merged.forwards_by_kind[kind] = merged.forwards_by_kind.get(kind, 0) + count
+            merged.iterations += part.iterations
+            merged.accepted += part.accepted
         return merged
 
 
@@ -145,11 +173,8 @@ def evaluate(
             [tokenizer(t, add_special_tokens=False)["input_ids"] for t in batch]
         )
         responses += tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
-        evaluation.tokens += result.num_tokens
-        evaluation.forwards += result.forwards
-        evaluation.seconds += result.seconds
-        evaluation.denoising_steps += result.denoising_steps
-        evaluation.unmasked += sum(sum(steps) for steps in result.unmasked_per_step)
+        evaluation.add(result)
+    note_untrained_causal_mode(decoder, evaluation.acceptance_length)
     scores, evaluation.score_errors = score_safely(benchmark, problems, responses)
     evaluation.samples = [
         {"prompt": text, "response": response, "score": bool(score)}

@@ -135,6 +135,8 @@ class DecodeEval(L.Callback):
         metric = metric_name(benchmark)
         result = merged.metrics(metric)
         keys = (metric, "tokens_per_forward", "tokens_per_second", "num_scored")
+        if result["acceptance_length"]:  # decoder=verified
+            keys += ("acceptance_length",)
         logged = {f"decode_eval/{name}/{key}": float(result[key]) for key in keys}
         # Per task family (synthetic): which part of a benchmark is still being learned.
         by_task = merged.by_task()

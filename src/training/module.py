@@ -17,7 +17,7 @@ from src.diffusion import ar_loss, block_diffusion_loss
 from src.model import MASK_TOKEN, model_from_config, stop_token_of, tokenizer_fingerprint
 from src.training.zero import hf_deepspeed_config
 
-# The `diffusion` keys of SPEC section 5 that the loss takes as they are.
+# The `diffusion` keys of SPEC sections 5 and 6 that the loss takes as they are.
 RECIPE_OPTIONS = (
     "masking",
     "masking_tilt",
@@ -25,6 +25,7 @@ RECIPE_OPTIONS = (
     "distill_weight",
     "distill_temperature",
     "ar_weight",
+    "context",
 )
 
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from src.config import ConfigError
+from src.diffusion import ar_term_from_clean_stream
 from src.model import build_tokenizer
 from src.model.released import model_config as released_config
 
@@ -127,9 +128,11 @@ def streams(diffusion: DictConfig) -> tuple[int, int]:
     if diffusion.objective == "ar":
         return 1, 1
     views = 2 if diffusion.complementary else 1
+    # SPEC 6's one-cache variant takes the AR term from the clean stream's logits.
+    clean = ar_term_from_clean_stream(diffusion)
     if diffusion.shared_clean_stream or views == 1:
-        return views + 1, views  # [x_t views ; x_0]
-    return 2 * views, views  # one [x_t ; x_0] per view
+        return views + 1, views + clean  # [x_t views ; x_0]
+    return 2 * views, (2 if clean else 1) * views  # one [x_t ; x_0] per view
 
 
 def activation_bytes(
@@ -173,7 +176,7 @@ def memory_plan(cfg: DictConfig) -> Plan:
         activation_bytes(config, tokens, batch * logit_streams * seq_len, _checkpointing(cfg))
         + mask
     )
-    if cfg.diffusion.get("ar_weight", 0.0) > 0:
+    if cfg.diffusion.get("ar_weight", 0.0) > 0 and not ar_term_from_clean_stream(cfg.diffusion):
         # The AR term's causal forward of x_0 keeps its activations until the backward.
         activations += activation_bytes(
             config, batch * seq_len, batch * seq_len, _checkpointing(cfg)
