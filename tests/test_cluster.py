@@ -257,6 +257,39 @@ def test_the_slurm_launcher_refuses_a_signal_too_late_for_the_checkpoint():
     check_signal_delay(ok, compose_train("experiment=qwen7b"))
 
 
+# --- the dtype a run builds its model in ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "strategy, precision, dtype",
+    [
+        ("deepspeed", "bf16-mixed", torch.bfloat16),  # DeepSpeed casts to bf16 anyway
+        ("deepspeed", "16-mixed", torch.float16),
+        ("deepspeed", "32-true", torch.float32),
+        ("ddp", "bf16-mixed", torch.float32),  # autocast: the optimizer updates fp32 weights
+        ("ddp", "bf16-true", torch.bfloat16),
+        ("ddp", "32-true", torch.float32),
+    ],
+)
+def test_the_model_is_built_in_the_dtype_its_strategy_trains(strategy, precision, dtype):
+    import lightning as L
+
+    from src.training.module import parameter_dtype
+    from src.training.strategy import DeepSpeedStrategy
+
+    chosen = (
+        DeepSpeedStrategy(config={"zero_optimization": {"stage": 3}})
+        if strategy == "deepspeed"
+        else "ddp"
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy=chosen, precision=precision, logger=False
+    )
+    assert parameter_dtype(trainer) == dtype
+    assert parameter_dtype(None) == torch.float32
+    assert compose_train("experiment=qwen7b").model.dtype == "auto"
+
+
 # --- the stop token through training and export ---------------------------------------------
 
 

@@ -36,6 +36,8 @@ COMMON = [
     *SMALL,
     "experiment=tiny",
     "trainer.accelerator=cpu",
+    # Two micro-batches per step: a signal may come mid-step, and must wait for its end.
+    "trainer.accumulate_grad_batches=2",
     f"trainer.max_steps={STEPS}",
     "trainer.val_check_interval=4",
     "callbacks.model_checkpoint.every_n_train_steps=4",
