@@ -13,6 +13,7 @@ also gives the checkpoint folders, their retention and `last.ckpt`, and the HF e
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,12 @@ def zero3(artifacts, tmp_path_factory) -> tuple[Path, str, str]:
     first = run_train(run_dir, *overrides, *signal, timeout=900)
     second = run_train(run_dir, *overrides, timeout=900)  # the requeued job: same directory
     return run_dir, first.stdout + first.stderr, second.stdout + second.stderr
+
+
+def logged_version(run_dir: Path, version: int, key: str) -> dict[int, float]:
+    """`key` by step in one attempt's CSV (`csv/version_<version>`)."""
+    with open(run_dir / "csv" / f"version_{version}" / "metrics.csv") as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
 
 
 def assert_same_curve(run: dict[int, float], reference: dict[int, float]) -> None:
@@ -159,11 +166,3 @@ def test_decode_eval_with_uneven_shards_inside_the_zero3_run(zero3):
     assert not logged(run_dir, "decode_eval/synthetic/failed")
     # Training went on after each evaluation (step 2's, 4's): the steps after them are logged.
     assert {3, 5} <= set(logged(run_dir, "train/loss"))
-
-
-def logged_version(run_dir: Path, version: int, key: str) -> dict[int, float]:
-    """`key` by step in one attempt's CSV (`csv/version_<version>`)."""
-    import csv
-
-    with open(run_dir / "csv" / f"version_{version}" / "metrics.csv") as f:
-        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}

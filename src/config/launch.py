@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
@@ -131,9 +132,10 @@ def check_launch(cfg: DictConfig, config_name: str, job_checks: Sequence[JobChec
     kind = launcher_kind(cfg)
     if kind is None:
         return
-    for overrides in job_overrides(cfg):
-        job = compose(config_name=config_name, overrides=overrides)
+    jobs = [compose(config_name=config_name, overrides=o) for o in job_overrides(cfg)]
+    for job in jobs:
         check_resources(cfg, job, kind)
+    for job in jobs:
         for check in job_checks:
             check(cfg, job)
     if kind == "slurm":
@@ -149,6 +151,9 @@ class LaunchChecks(Callback):
         self.job_checks = list(job_checks)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # The jobs' configs resolve `${hydra:...}` (e.g. paths) against the multirun's.
+        if not HydraConfig.initialized():
+            HydraConfig.instance().set_config(config)
         try:
             checks = [get_method(name) for name in self.job_checks]
             check_launch(config, kwargs["config_name"], checks)

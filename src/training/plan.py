@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from src.config import ConfigError
-from src.model import build_tokenizer
+from src.model import build_tokenizer, check_model_source
 from src.training.checks import is_deepspeed
 
 log = logging.getLogger(__name__)
@@ -283,6 +283,7 @@ def format_lead_time(lead: LeadTime, cfg: DictConfig) -> str:
 def check_signal_delay(base: DictConfig, job: DictConfig) -> None:
     """A SLURM launcher's `signal_delay_s` (from the sweep's `base` config) must cover one
     job's preemption: ConfigError (one line) otherwise. A job check of `LaunchChecks`."""
+    check_model_source(job.model)  # a missing AR-init: the command that makes it
     try:
         lead = preemption_lead_time(job)
     except ValueError as err:  # the model's architecture cannot be read
