@@ -50,9 +50,8 @@ class PreemptionCheckpoint(L.Callback):
     So the requeued job (same run directory, `ckpt_path=last`) resumes exactly. Lead time: up to
     one optimizer step plus the checkpoint write (`python -m src.plan` estimates both; the SLURM
     launcher checks `signal_delay_s` against them). Outside SLURM it checkpoints and stops the
-    fit. Once a
-    newer periodic checkpoint exists, the preemption checkpoint is deleted: it is not kept
-    beside the retained ones (a ZeRO-3 checkpoint of a 7B model is ~100 GB).
+    fit. Once a newer periodic checkpoint exists, the preemption checkpoint is deleted: it is
+    not kept beside the retained ones (a ZeRO-3 checkpoint of a 7B model is ~100 GB).
     """
 
     FILENAME = "preempted.ckpt"
