@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.config import ConfigError, instantiate
 from src.model import build_tokenizer
 from src.model.export import SETTINGS_FILE
-from src.training.checks import check_train
+from src.training.checks import check_train, val_check_batches
 from src.training.guards import RunDirLock, TrainingDiverged, is_first_process
 from src.training.module import DiffusionLM
 from src.training.resume import resume_path
@@ -56,7 +56,12 @@ def _fit(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     if not loggers:  # `logger=none`: nothing to monitor the learning rate into
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        val_check_interval=val_check_batches(cfg.trainer),
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:

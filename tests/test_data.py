@@ -260,9 +260,12 @@ def test_datamodule_batches_and_deterministic_shuffle(tok, tmp_path):
         dm = ChatDataModule(tok, source, SEQ_LEN, BLOCK, pad_to_block=True, batch_size=4)
         dm.setup("fit")
         batch = next(iter(dm.train_dataloader()))
-        assert set(batch) == {"input_ids", "labels"}
+        assert set(batch) == {"input_ids", "labels", "window_supervised"}
         assert batch["input_ids"].shape == batch["labels"].shape == (4, SEQ_LEN)
         assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+        # Outside a trainer a step is one batch: its supervised tokens, on every row.
+        supervised = (batch["labels"] != -100).sum()
+        assert torch.equal(batch["window_supervised"], supervised.repeat(4))
         orders.append(batch["input_ids"])
         val = next(iter(dm.val_dataloader()))
         assert val["input_ids"].shape[1] == SEQ_LEN
@@ -283,18 +286,50 @@ def test_datamodule_batches_and_deterministic_shuffle(tok, tmp_path):
         dm.setup("fit")
 
 
+def indices(sampler) -> list[int]:
+    return [index for index, _ in sampler]
+
+
 def test_resumable_sampler_skips_consumed_batches_and_shards_by_rank():
     from src.data.datamodule import ResumableShuffleSampler
 
-    full = list(ResumableShuffleSampler(103, seed=3, batch_size=4))
+    full = indices(ResumableShuffleSampler(103, seed=3, batch_size=4))
     assert len(full) == 100 and len(set(full)) == 100
     resumed = ResumableShuffleSampler(103, seed=3, batch_size=4)
     resumed.resume_at(7)  # 7 batches of epoch 0 were consumed
-    assert list(resumed) == full[7 * 4 :]
+    assert indices(resumed) == full[7 * 4 :]
     resumed.set_epoch(1)  # the next epoch starts at its beginning, in a new order
-    next_epoch = list(resumed)
+    next_epoch = indices(resumed)
     assert len(next_epoch) == 100 and next_epoch != full
     resumed.resume_at(25 + 2)  # epoch 1, batch 2
-    assert resumed.epoch == 1 and list(resumed) == next_epoch[2 * 4 :]
-    shares = [list(ResumableShuffleSampler(103, 3, 4, rank=r, world_size=2)) for r in (0, 1)]
+    assert resumed.epoch == 1 and indices(resumed) == next_epoch[2 * 4 :]
+    shares = [indices(ResumableShuffleSampler(103, 3, 4, rank=r, world_size=2)) for r in (0, 1)]
     assert len(shares[0]) == len(shares[1]) == 48 and not set(shares[0]) & set(shares[1])
+
+
+def test_sampler_steps_are_whole_and_carry_their_supervised_tokens():
+    """Each optimizer step (2 ranks x 3 accumulated batches of 4) is one contiguous stretch of
+    the permutation, whole within an epoch, and every context of it carries the step's count
+    over all ranks: here each context's count is its own index."""
+    from src.data.datamodule import ResumableShuffleSampler
+
+    world, accumulate, batch = 2, 3, 4
+    samplers = [
+        ResumableShuffleSampler(
+            103, 3, batch, rank=r, world_size=world, accumulate=accumulate, num_supervised=sum
+        )
+        for r in range(world)
+    ]
+    shares = [list(sampler) for sampler in samplers]
+    assert samplers[0].num_batches == 103 // (world * accumulate * batch) * accumulate == 12
+    assert all(len(share) == 12 * batch for share in shares)
+    window = batch * accumulate  # contexts per step and rank
+    for step in range(4):
+        contexts = [pair for share in shares for pair in share[step * window : (step + 1) * window]]
+        counts = {count for _, count in contexts}
+        assert counts == {sum(index for index, _ in contexts)}
+    # A resumed sampler (at a step boundary) gives the same pairs from there on.
+    samplers[1].resume_at(2 * accumulate)
+    assert list(samplers[1]) == shares[1][2 * window :]
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        ResumableShuffleSampler(23, 3, batch, world_size=world, accumulate=accumulate)

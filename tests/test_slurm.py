@@ -36,6 +36,8 @@ COMMON = [
     *SMALL,
     "experiment=tiny",
     "trainer.accelerator=cpu",
+    # Two micro-batches per step: a signal may come mid-step, and must wait for its end.
+    "trainer.accumulate_grad_batches=2",
     f"trainer.max_steps={STEPS}",
     "trainer.val_check_interval=4",
     "callbacks.model_checkpoint.every_n_train_steps=4",
@@ -91,10 +93,24 @@ def test_a_swept_device_count_is_checked_per_job():
 
 
 @pytest.mark.slow  # the entry point's imports alone take ~20 s here
-def test_bad_launcher_settings_fail_in_one_line_before_submission(tmp_path):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["trainer.accelerator=cpu", "trainer.devices=1,2"],
+            "config error: hydra.launcher.tasks_per_node=1",
+        ),
+        # The 7B run's ~99 GiB checkpoint alone takes ~53 s at cluster.write_gbps=2.
+        (
+            ["experiment=qwen7b", "hydra.launcher.signal_delay_s=30"],
+            "config error: hydra.launcher.signal_delay_s=30 is too short",
+        ),
+    ],
+)
+def test_bad_launcher_settings_fail_in_one_line_before_submission(tmp_path, overrides, message):
     result = subprocess.run(
         [sys.executable, "-m", "src.train", "-m", "hydra/launcher=slurm"]
-        + ["trainer.accelerator=cpu", "trainer.devices=1,2", f"hydra.sweep.dir={tmp_path}"],
+        + [*overrides, f"hydra.sweep.dir={tmp_path}"],
         cwd=ROOT,
         env={**os.environ, **ENV},
         capture_output=True,
@@ -103,7 +119,7 @@ def test_bad_launcher_settings_fail_in_one_line_before_submission(tmp_path):
     )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("config error: hydra.launcher.tasks_per_node=1"), result.stderr
+    assert lines[-1].startswith(message), result.stderr
     assert not (tmp_path / ".submitit").exists()
 
 

@@ -26,7 +26,6 @@ class Part:
     run: Callable[..., None]
     timeout_s: dict[str, int]  # by mode: "gpu" / "cpu"
     parallel: bool = False  # on CUDA, runs at the same time as the other parallel parts
-    needs_cuda: bool = False  # skipped (with the reason) in the CPU dry run
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
-"""Markdown tables of a results folder (`$OUT/table.md`, `python scripts/gpu_check.py --table
-DIR`), for the README of experiments/gpu_check/."""
+"""Markdown tables of a results folder (`summary.json`'s `table_md`; `python
+scripts/gpu_check.py --table DIR`), for the README of experiments/gpu_check/."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def tables(out: Path) -> str:
         versions_line = ", ".join(f"{k} {v}" for k, v in any_report["versions"].items() if v)
         lines += [f"Device: {device.get('name', '-')}; {versions_line}.", ""]
     zero_rows = []
-    for n in ("zero2_e2e", "zero3_e2e"):
+    for n in ("zero2_e2e",):
         r = (parts.get(n) or {}).get("results") or {}
         if not r:
             continue
@@ -81,6 +81,53 @@ def tables(out: Path) -> str:
                 "train s",
             ],
             zero_rows,
+        )
+    cluster = (parts.get("zero3_e2e") or {}).get("results") or {}
+    if cluster.get("curve"):
+        setup, curve = cluster.get("setup") or {}, cluster["curve"]
+        lines += ["## The cluster path: ZeRO-3, accumulation, preempted and resumed", ""]
+        lines += _table(
+            [
+                "strategy",
+                "steps x accumulation",
+                "signal at batch",
+                "checkpoint at step",
+                "same curve",
+                "max abs dloss",
+                "kept",
+                "zero_to_hf weight diff",
+                "train s",
+            ],
+            [
+                [
+                    cluster.get("strategy"),
+                    f"{setup.get('steps')} x {setup.get('accumulate')}",
+                    setup.get("signal_batch"),
+                    cluster.get("preempted_at_step"),
+                    curve.get("same_curve"),
+                    curve.get("max_abs_loss_diff"),
+                    ", ".join(cluster.get("checkpoints_kept") or []),
+                    (cluster.get("export_vs_zero_to_hf") or {}).get("max_abs_weight_diff"),
+                    sum((cluster.get("seconds") or {}).values()),
+                ]
+            ],
+        )
+    evaluation = (parts.get("eval_torchrun") or {}).get("results") or {}
+    if evaluation.get("compare"):
+        compare = evaluation["compare"]
+        lines += ["## src.eval under torchrun", ""]
+        lines += _table(
+            ["backend", "processes", "same metrics", "same samples", "tok/s one", "tok/s torchrun"],
+            [
+                [
+                    evaluation.get("backend"),
+                    evaluation.get("processes"),
+                    all((compare.get("same") or {}).values()),
+                    compare.get("samples_same"),
+                    (evaluation.get("tokens_per_second") or {}).get("one"),
+                    (evaluation.get("tokens_per_second") or {}).get("torchrun"),
+                ]
+            ],
         )
     step = (parts.get("train_step_7b") or {}).get("results") or {}
     if step.get("ar") or step.get("block_diffusion"):

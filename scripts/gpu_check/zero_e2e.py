@@ -1,11 +1,16 @@
-"""Part `zero2_e2e` / `zero3_e2e`: Lightning + DeepSpeed ZeRO end to end through `python -m
-src.train` (ddp in the CPU dry run): train, checkpoint, resume, HF export, ZeRO -> HF, logits."""
+"""Parts `zero2_e2e` / `zero3_e2e`: Lightning + DeepSpeed ZeRO end to end through `python -m
+src.train` (on CPU ranks in the dry run). `zero2_e2e`: train, checkpoint, resume, HF export,
+ZeRO -> HF, logits. `zero3_e2e`: the cluster path of tests/test_deepspeed_lightning.py with
+gradient accumulation: an uninterrupted run, and one preempted by SLURM's signal in the middle of
+an accumulation window and resumed in its run directory; their loss curves, where the checkpoint
+was taken, retention, decode_eval, the HF export against `python -m src.zero_to_hf`."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -111,7 +116,7 @@ def zero_e2e(ctx: Context, stage: int) -> None:
     mode = "cpu" if ctx.cpu else "gpu"
     steps, resume_to, every = ZERO_STEPS[mode]
     ctx.record("stage", stage)
-    ctx.record("strategy", "ddp (CPU dry run)" if ctx.cpu else f"deepspeed_zero{stage}")
+    ctx.record("strategy", f"deepspeed_zero{stage}" + (" (CPU rank)" if ctx.cpu else ""))
     shape = ZERO_SHAPE_CPU if ctx.cpu else ZERO_SHAPE
     pretrained, run_dir = ctx.work / "pretrained", ctx.work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -146,18 +151,8 @@ def zero_e2e(ctx: Context, stage: int) -> None:
         f"callbacks.model_checkpoint.every_n_train_steps={every}",
         "logger=csv",
     ]
-    if ctx.cpu:
-        overrides += ["strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=1"]
-    else:
-        overrides += [f"strategy=deepspeed_zero{stage}", "trainer=gpu", "trainer.devices=1"]
-        if stage == 3:
-            # Partition every tensor (the default keeps small ones whole on each rank).
-            overrides.append(
-                "trainer.strategy.config.zero_optimization.stage3_param_persistence_threshold=0"
-            )
-    env = child_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-    if ctx.cpu:
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    overrides += strategy_overrides(ctx, stage)
+    env = run_env(ctx)
     ckpt_dir = run_dir / "checkpoints"
 
     # 1. Train `steps` steps: checkpoints, validation and decode evals every `every` steps.
@@ -213,40 +208,26 @@ def zero_e2e(ctx: Context, stage: int) -> None:
     if settings.get("trained_steps") != resume_to:
         raise RuntimeError(f"export trained_steps={settings.get('trained_steps')} != {resume_to}")
 
-    # 3. ZeRO checkpoint -> HF (CUDA) and the logits of both exports.
+    # 3. ZeRO checkpoint -> HF and the logits of both exports.
     probe = (torch.arange(128 if not ctx.cpu else 64) % (vocab - 1))[None].to(ctx.device)
     exported = load_for_compare(export, ctx)
     initial = load_for_compare(pretrained, ctx)
     moved = compare_logits(ctx, initial, exported, probe)["max_abs_logit_diff"]
     ctx.record("logits_moved_from_init", moved)
-    if ctx.cpu:
-        ctx.record("zero_to_hf", "skipped: no CUDA (Lightning refuses DeepSpeed on CPU)")
-        # The export against the last Lightning checkpoint's weights (a plain file here).
-        checkpoint = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
-        state = {
-            k.removeprefix("model."): v
-            for k, v in checkpoint["state_dict"].items()
-            if k.startswith("model.")
-        }
-        from_ckpt = load_for_compare(export, ctx)
-        from_ckpt.load_state_dict(state, strict=False)
-        comparison = compare_logits(ctx, exported, from_ckpt, probe)
-        ctx.record("export_vs_checkpoint", comparison)
-    else:
-        converted = ctx.work / "export_from_zero"
-        shutil.rmtree(converted, ignore_errors=True)
-        started = time.monotonic()
-        run_command(
-            ctx,
-            "zero_to_hf",
-            ["-m", "src.zero_to_hf", str(ckpt_dir / "last.ckpt"), str(converted)],
-            env,
-        )
-        ctx.record("zero_to_hf_seconds", round(time.monotonic() - started, 2))
-        zero_settings = json.loads((converted / "diffusion.json").read_text())
-        ctx.record("zero_to_hf_trained_steps", zero_settings.get("trained_steps"))
-        comparison = compare_logits(ctx, exported, load_for_compare(converted, ctx), probe)
-        ctx.record("export_vs_zero_to_hf", comparison)
+    converted = ctx.work / "export_from_zero"
+    shutil.rmtree(converted, ignore_errors=True)
+    started = time.monotonic()
+    run_command(
+        ctx,
+        "zero_to_hf",
+        ["-m", "src.zero_to_hf", str(ckpt_dir / "last.ckpt"), str(converted)],
+        env,
+    )
+    ctx.record("zero_to_hf_seconds", round(time.monotonic() - started, 2))
+    zero_settings = json.loads((converted / "diffusion.json").read_text())
+    ctx.record("zero_to_hf_trained_steps", zero_settings.get("trained_steps"))
+    comparison = compare_logits(ctx, exported, load_for_compare(converted, ctx), probe)
+    ctx.record("export_vs_zero_to_hf", comparison)
     ctx.record("logits_atol", LOGITS_ATOL)
     if not comparison["within_atol"]:
         raise RuntimeError(
@@ -254,3 +235,165 @@ def zero_e2e(ctx: Context, stage: int) -> None:
         )
     if moved <= LOGITS_ATOL:
         raise RuntimeError(f"training did not move the logits ({moved:.3g})")
+
+
+def strategy_overrides(ctx: Context, stage: int) -> list[str]:
+    """Lightning's DeepSpeedStrategy on one GPU (bf16), or on one CPU rank (fp32)."""
+    device = (
+        ["trainer.accelerator=cpu", "trainer.precision=32-true"] if ctx.cpu else ["trainer=gpu"]
+    )
+    overrides = [f"strategy=deepspeed_zero{stage}", *device, "trainer.devices=1"]
+    if stage == 3:
+        # Partition every tensor (the default keeps small ones whole on each rank).
+        overrides.append(
+            "trainer.strategy.config.zero_optimization.stage3_param_persistence_threshold=0"
+        )
+    return overrides
+
+
+def run_env(ctx: Context) -> dict[str, str]:
+    env = child_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    if ctx.cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+# Steps, accumulation, checkpoint/decode-eval period and the batch (counted from 0 over the
+# fit) at whose start SLURM's signal arrives: mid-window, so the checkpoint must wait for the
+# window's end. bf16 on a GPU: two runs of the same steps differ by kernel non-determinism.
+PREEMPT = {"gpu": (12, 4, 4, 21), "cpu": (4, 2, 2, 4)}
+LOSS_ATOL = {"gpu": 2e-2, "cpu": 1e-4}
+
+
+def zero3_preempt(ctx: Context) -> None:
+    import torch
+
+    mode = "cpu" if ctx.cpu else "gpu"
+    steps, accumulate, every, signal_batch = PREEMPT[mode]
+    boundary = signal_batch // accumulate + 1  # the step whose last micro-batch it comes in
+    ctx.record("strategy", "deepspeed_zero3" + (" (CPU rank)" if ctx.cpu else ""))
+    ctx.record(
+        "setup",
+        {"steps": steps, "accumulate": accumulate, "signal_batch": signal_batch, "every": every},
+    )
+    shape = ZERO_SHAPE_CPU if ctx.cpu else ZERO_SHAPE
+    pretrained = ctx.work / "pretrained"
+    vocab = make_pretrained(pretrained, shape, tied=False, tokenizer_cache=ctx.work / "tok")
+    ctx.record("model", {**shape, "vocab_size": vocab, "tie_word_embeddings": False})
+
+    def overrides(run_dir: Path) -> list[str]:
+        return [
+            f"hydra.run.dir={run_dir}",
+            "experiment=tiny",
+            "model=hf",
+            f"model.pretrained={pretrained}",
+            "model.produced_by=null",
+            "model.gradient_checkpointing=true",
+            f"paths.artifacts_dir={ctx.work / 'artifacts'}",
+            f"paths.export_dir={run_dir / 'export'}",
+            f"data.source.n_train={512 if not ctx.cpu else 64}",
+            f"data.source.n_val={32 if not ctx.cpu else 8}",
+            f"data.seq_len={128 if not ctx.cpu else 64}",
+            f"data.batch_size={4 if not ctx.cpu else 2}",
+            "diffusion.block_size=32",
+            "optim.warmup_steps=2",
+            f"trainer.max_steps={steps}",
+            f"trainer.accumulate_grad_batches={accumulate}",
+            f"trainer.val_check_interval={every}",
+            "trainer.limit_val_batches=2",
+            "trainer.log_every_n_steps=1",
+            "callbacks=decode_eval",
+            f"callbacks.decode_eval.every_n_steps={every}",
+            "callbacks.decode_eval.limit=4",
+            "callbacks.decode_eval.batch_size=4",
+            f"decode.max_new_tokens={32 if not ctx.cpu else 16}",
+            f"callbacks.model_checkpoint.every_n_train_steps={every}",
+            "logger=csv",
+            *strategy_overrides(ctx, 3),
+        ]
+
+    env = run_env(ctx)
+    straight, preempted = ctx.work / "straight", ctx.work / "preempted"
+    for folder in (straight, preempted):
+        shutil.rmtree(folder, ignore_errors=True)
+    signal = [
+        "+callbacks.signal_at._target_=tests.fixtures.callbacks.SignalAt",
+        f"+callbacks.signal_at.batch={signal_batch}",
+    ]
+    seconds = {}
+    for label, run_dir, extra in (
+        ("straight", straight, []),
+        ("preempted", preempted, signal),
+        ("resumed", preempted, []),
+    ):
+        started = time.monotonic()
+        output = run_command(ctx, label, ["-m", "src.train", *overrides(run_dir), *extra], env)
+        seconds[label] = round(time.monotonic() - started, 2)
+        if label == "preempted":
+            written = re.search(r"preempted\.ckpt written at step (\d+)", output)
+            ctx.record("preempted_at_step", int(written.group(1)) if written else None)
+        if label == "resumed":
+            ctx.record("restored_message", "Restoring states from the checkpoint" in output)
+    ctx.record("seconds", seconds)
+    reference = dict(metric_series(csv_rows(straight, 0), "train/loss"))
+    first, second = (dict(metric_series(csv_rows(preempted, v), "train/loss")) for v in (0, 1))
+    ctx.record("losses", {"straight": reference, "preempted": first, "resumed": second})
+    resumed = {**first, **second}
+    differences = [abs(resumed[s] - v) for s, v in reference.items() if s in resumed]
+    curve = {
+        "steps_straight": sorted(reference),
+        "steps_preempted_then_resumed": sorted(first) + sorted(second),
+        "max_abs_loss_diff": max(differences, default=None),
+        "atol": LOSS_ATOL[mode],
+    }
+    curve["same_curve"] = (
+        sorted(resumed) == sorted(reference) == list(range(steps))
+        and curve["max_abs_loss_diff"] <= LOSS_ATOL[mode]
+    )
+    ctx.record("curve", curve)
+    ckpt_dir = preempted / "checkpoints"
+    kept = sorted(p.name for p in ckpt_dir.iterdir())
+    ctx.record("checkpoints_kept", kept)
+    ctx.record("last_ckpt_target", (ckpt_dir / "last.ckpt").resolve().name)
+    decode = {
+        key.split("/")[-1]: dict(metric_series(csv_rows(preempted, v), key))
+        for v in (0, 1)
+        for key in ("decode_eval/synthetic/num_scored", "decode_eval/synthetic/tokens_per_forward")
+    }
+    ctx.record("decode_eval", decode)
+
+    # The end-of-fit HF export against the ZeRO-3 checkpoint converted (same dtype).
+    converted = ctx.work / "export_from_zero"
+    shutil.rmtree(converted, ignore_errors=True)
+    dtype = "float32" if ctx.cpu else "bfloat16"
+    started = time.monotonic()
+    run_command(
+        ctx,
+        "zero_to_hf",
+        ["-m", "src.zero_to_hf", str(ckpt_dir / "last.ckpt"), str(converted), "--dtype", dtype],
+        env,
+    )
+    ctx.record("zero_to_hf_seconds", round(time.monotonic() - started, 2))
+    from safetensors.torch import load_file
+
+    trained = load_file(preempted / "export" / "model.safetensors")
+    weights = load_file(converted / "model.safetensors")
+    weight_diff = max(
+        (weights[k].float() - v.float()).abs().max().item() for k, v in trained.items()
+    )
+    probe = (torch.arange(64) % (vocab - 1))[None].to(ctx.device)
+    logits = compare_logits(
+        ctx, load_for_compare(preempted / "export", ctx), load_for_compare(converted, ctx), probe
+    )
+    ctx.record("export_vs_zero_to_hf", {**logits, "max_abs_weight_diff": weight_diff})
+    problems = []
+    if ctx.report["results"]["preempted_at_step"] != boundary:
+        problems.append(f"the preemption checkpoint is not at the step boundary {boundary}")
+    if not curve["same_curve"]:
+        problems.append(f"the resumed loss curve differs: {curve}")
+    if kept != sorted(["last.ckpt", f"step{steps - every:06d}.ckpt", f"step{steps:06d}.ckpt"]):
+        problems.append(f"retention kept {kept}")
+    if weight_diff != 0:
+        problems.append(f"zero_to_hf weights differ from the HF export by {weight_diff:.3g}")
+    if problems:
+        raise RuntimeError("; ".join(problems))

@@ -17,19 +17,22 @@ into the command line an agent would run (wandb's own expansion) and composes it
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from src.config.compose import CONF_DIR
@@ -37,6 +40,15 @@ from src.config.errors import ConfigError
 from src.config.resolvers import GPU_ACCELERATORS
 
 _ABSENT = object()
+
+
+def slurm_job_id() -> str | None:
+    """The id `scontrol requeue` takes: `<array job>_<task>` for array tasks (Hydra multiruns);
+    None outside SLURM. A requeued job keeps it."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
 
 
 def launcher_kind(cfg: DictConfig) -> str | None:
@@ -110,23 +122,41 @@ def job_overrides(cfg: DictConfig) -> list[list[str]]:
     return [list(job) for batch in batches for job in batch]
 
 
-def check_launch(cfg: DictConfig, config_name: str) -> None:
-    """Every check of a multirun through a submitit launcher; ConfigError on the first failure."""
+# A check of one job's config against the sweep's base config (its launcher settings).
+JobCheck = Callable[[DictConfig, DictConfig], None]
+
+
+def check_launch(cfg: DictConfig, config_name: str, job_checks: Sequence[JobCheck] = ()) -> None:
+    """Every check of a multirun through a submitit launcher; ConfigError on the first failure.
+    `job_checks` run on every job's config after the resource checks."""
     kind = launcher_kind(cfg)
     if kind is None:
         return
-    for overrides in job_overrides(cfg):
-        check_resources(cfg, compose(config_name=config_name, overrides=overrides), kind)
+    jobs = [compose(config_name=config_name, overrides=o) for o in job_overrides(cfg)]
+    for job in jobs:
+        check_resources(cfg, job, kind)
+    for job in jobs:
+        for check in job_checks:
+            check(cfg, job)
     if kind == "slurm":
         check_partition(cfg.hydra.launcher.partition)
 
 
 class LaunchChecks(Callback):
-    """Runs `check_launch` before the sweeper submits anything."""
+    """Runs `check_launch` before the sweeper submits anything. `job_checks`: dotted names of
+    more `JobCheck`s, given by the launcher config (they live in higher layers, e.g. the SLURM
+    signal lead time in `src.training.plan.check_signal_delay`)."""
+
+    def __init__(self, job_checks: Sequence[str] = ()) -> None:
+        self.job_checks = list(job_checks)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # The jobs' configs resolve `${hydra:...}` (e.g. paths) against the multirun's.
+        if not HydraConfig.initialized():
+            HydraConfig.instance().set_config(config)
         try:
-            check_launch(config, kwargs["config_name"])
+            checks = [get_method(name) for name in self.job_checks]
+            check_launch(config, kwargs["config_name"], checks)
         except ConfigError as err:
             raise SystemExit(f"config error: {err}") from None
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from src.config import ConfigError
@@ -23,27 +23,46 @@ from src.data.sources import source_items
 from src.model.tokenizer import tokenizer_fingerprint
 
 
-class ResumableShuffleSampler(Sampler[int]):
-    """This rank's share of a (seed, epoch) permutation, in whole batches, from `skip_batches` on.
+class ResumableShuffleSampler(Sampler[tuple[int, int]]):
+    """This rank's share of a (seed, epoch) permutation, in whole batches and whole optimizer
+    steps, from `skip_batches` on; each context index comes with `window_supervised`, the
+    number of supervised tokens of its optimizer step (all ranks, all micro-batches).
 
     The order depends only on (seed, epoch, rank), and a resumed run skips the batches the
     interrupted run already consumed in its epoch, so it sees exactly the batches the
     uninterrupted run saw. Ranks take strided shares of the permutation themselves (the trainer
-    runs with `use_distributed_sampler=False`). `__len__` is the whole epoch, as Lightning
-    counts a resumed epoch's batches from where it stopped.
+    runs with `use_distributed_sampler=False`). An optimizer step takes `accumulate` batches
+    per rank: the contexts `window * k .. window * (k + 1)` of the permutation, `window` =
+    batch_size x world_size x accumulate. An epoch holds whole steps only, so no step straddles
+    two epochs (DeepSpeed counts its accumulation across epochs, Lightning per epoch) and
+    every step's token count is known before its first micro-batch: the loss is normalised by
+    it (SPEC section 2: the number of supervised tokens in the batch). `num_supervised` counts
+    the supervised tokens of a list of contexts; each rank counts every rank's contexts of a
+    step itself (a read of their labels), so no collective is needed. `__len__` is the whole
+    epoch, as Lightning counts a resumed epoch's batches from where it stopped.
     """
 
     def __init__(
-        self, size: int, seed: int, batch_size: int, rank: int = 0, world_size: int = 1
+        self,
+        size: int,
+        seed: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        accumulate: int = 1,
+        num_supervised: Callable[[list[int]], int] | None = None,
     ) -> None:
         self.size, self.seed, self.batch_size = size, seed, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.num_batches = size // (batch_size * world_size)  # per rank, whole batches only
+        self.rank, self.world_size, self.accumulate = rank, world_size, accumulate
+        self.window = batch_size * world_size * accumulate  # contexts per optimizer step
+        self.num_batches = (size // self.window) * accumulate  # per rank, whole steps only
         if self.num_batches == 0:
             raise ValueError(
-                f"{size} training contexts are fewer than one batch per rank "
-                f"({batch_size} x {world_size}): lower data.batch_size or add data"
+                f"{size} training contexts are fewer than one optimizer step's "
+                f"({batch_size} per batch x {world_size} ranks x {accumulate} accumulated): "
+                "lower data.batch_size or trainer.accumulate_grad_batches, or add data"
             )
+        self.num_supervised = num_supervised or len
         self.epoch, self.skip_batches = 0, 0
 
     def resume_at(self, consumed_batches: int) -> None:
@@ -54,15 +73,39 @@ class ResumableShuffleSampler(Sampler[int]):
             self.skip_batches = 0
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator)
-        used = self.num_batches * self.batch_size * self.world_size
-        mine = order[self.rank : used : self.world_size]
-        return iter(mine[self.skip_batches * self.batch_size :].tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        mine = order[
+            self.rank : self.num_batches * self.batch_size * self.world_size : self.world_size
+        ]
+        step, supervised = -1, 0
+        for batch in range(self.skip_batches, self.num_batches):
+            if batch // self.accumulate != step:
+                step = batch // self.accumulate
+                supervised = self.num_supervised(
+                    order[step * self.window : (step + 1) * self.window]
+                )
+            for index in mine[batch * self.batch_size : (batch + 1) * self.batch_size]:
+                yield index, supervised
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size
+
+
+class TrainContexts(Dataset):
+    """The train split indexed by the sampler's (context, step's supervised tokens) pairs:
+    batches `{input_ids, labels, window_supervised}` (`window_supervised` `[b]`, one value)."""
+
+    def __init__(self, split: PreparedSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, window_supervised = item
+        return {**self.split[index], "window_supervised": torch.tensor(window_supervised)}
 
 
 class ChatDataModule(L.LightningDataModule):
@@ -151,11 +194,14 @@ class ChatDataModule(L.LightningDataModule):
             self.batch_size,
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
+            accumulate=trainer.accumulate_grad_batches if trainer else 1,
+            num_supervised=self.train_dataset.num_supervised,
         )
         if trainer is not None:
+            # Checkpoints are taken at optimizer-step boundaries (PreemptionCheckpoint too).
             sampler.resume_at(trainer.global_step * trainer.accumulate_grad_batches)
         return DataLoader(
-            self.train_dataset,
+            TrainContexts(self.train_dataset),
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,

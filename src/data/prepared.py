@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from src.config import ConfigError, run_overrides
 from src.data.prepare import FORMAT_VERSION, MANIFEST, SPLITS, TOKEN_DTYPE
+from src.diffusion.loss import IGNORE_INDEX
 from src.model.tokenizer import tokenizer_fingerprint
 
 
@@ -92,11 +94,21 @@ class PreparedSplit(Dataset):
     def __len__(self) -> int:
         return int(self.ends[-1]) if self.ends else 0
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def _locate(self, index: int) -> tuple[dict[str, np.memmap], int]:
         k = bisect.bisect_right(self.ends, index)
-        row = index - (int(self.ends[k - 1]) if k else 0)
-        shard = self.shards[k]
+        return self.shards[k], index - (int(self.ends[k - 1]) if k else 0)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        shard, row = self._locate(index)
         return {
             "input_ids": torch.from_numpy(shard["tokens"][row].astype(np.int64)),
             "labels": torch.from_numpy(shard["labels"][row].astype(np.int64)),
         }
+
+    def num_supervised(self, indices: Iterable[int]) -> int:
+        """Supervised tokens (labels other than -100) of the contexts `indices`, labels only."""
+        total = 0
+        for index in indices:
+            shard, row = self._locate(int(index))
+            total += int(np.count_nonzero(shard["labels"][row] != IGNORE_INDEX))
+        return total

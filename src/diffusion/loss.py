@@ -205,8 +205,13 @@ def block_diffusion_loss(
     ar_weight: float = 0.0,
     context: str = "block_causal",
     generator: torch.Generator | None = None,
+    normaliser: Tensor | None = None,
 ) -> Tensor:
     """Cross-entropy on the masked supervised tokens, over the number of supervised tokens.
+
+    `normaliser` is that number: by default this batch's own; a micro-batch of a training step
+    over several micro-batches and ranks passes the whole step's (its loss is then its share of
+    the step's, see `DiffusionLM.training_step`). Every term below divides by it.
 
     No 1/t weighting and no extra AR term (SPEC section 2). The options of SPEC section 5:
     `masking`/`masking_tilt`/`masking_second_view` (`sample_masked_positions`), and with
@@ -235,7 +240,7 @@ def block_diffusion_loss(
     logits, clean_logits = _logits(
         model, noisy, input_ids, block_size, shared_clean_stream, context, one_forward_ar
     )  # [b, v, l, V], [b, l, V] | None
-    num_supervised = (labels != IGNORE_INDEX).sum()
+    num_supervised = (labels != IGNORE_INDEX).sum() if normaliser is None else normaliser
     loss = shifted_cross_entropy(logits, clean, masked, num_supervised, token_shift=token_shift)
     if distill_weight > 0:
         if teacher is None:
@@ -253,24 +258,30 @@ def block_diffusion_loss(
         )
     if ar_weight > 0:
         ar = (
-            next_token_loss(clean_logits, input_ids, labels)
+            next_token_loss(clean_logits, input_ids, labels, normaliser)
             if one_forward_ar
-            else ar_loss(model, input_ids, labels)
+            else ar_loss(model, input_ids, labels, normaliser=normaliser)
         )
         loss = loss + ar_weight * ar
     return loss
 
 
-def ar_loss(model: torch.nn.Module, input_ids: Tensor, labels: Tensor) -> Tensor:
-    """Plain next-token loss on the supervised tokens (the `objective=ar` control)."""
+def ar_loss(
+    model: torch.nn.Module, input_ids: Tensor, labels: Tensor, normaliser: Tensor | None = None
+) -> Tensor:
+    """Plain next-token loss on the supervised tokens (the `objective=ar` control), over
+    `normaliser` (default: the batch's scored tokens; see `block_diffusion_loss`)."""
     mask = _cached_causal(input_ids.shape[1], model.config._attn_implementation, input_ids.device)
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits  # [b, l, V]
-    return next_token_loss(logits, input_ids, labels)
+    return next_token_loss(logits, input_ids, labels, normaliser)
 
 
-def next_token_loss(logits: Tensor, input_ids: Tensor, labels: Tensor) -> Tensor:
-    """The next-token loss of causal logits `[b, l, V]` on the supervised tokens."""
+def next_token_loss(
+    logits: Tensor, input_ids: Tensor, labels: Tensor, normaliser: Tensor | None = None
+) -> Tensor:
+    """The next-token loss of causal logits `[b, l, V]` on the supervised tokens, over
+    `normaliser` (default: the batch's scored tokens)."""
     supervised = labels != IGNORE_INDEX
-    return shifted_cross_entropy(
-        logits, input_ids, supervised, supervised[:, 1:].sum(), token_shift=True
-    )
+    if normaliser is None:
+        normaliser = supervised[:, 1:].sum()
+    return shifted_cross_entropy(logits, input_ids, supervised, normaliser, token_shift=True)

@@ -21,6 +21,7 @@ from src.decoding import check_export, load_decoder_from_config
 from src.evaluation.benchmarks import get
 from src.evaluation.protocol import protocol_record
 from src.evaluation.runner import Evaluation, check_context, evaluate_distributed, metric_name
+from src.model.export import local_device
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,15 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
 
 def join_process_group() -> int:
     """This process's rank; under `torchrun` (WORLD_SIZE > 1) it joins the process group first
-    (NCCL on GPUs, gloo on CPU)."""
+    (NCCL on GPUs, gloo on CPU). On GPUs each process takes its own (`local_device`) first:
+    NCCL puts a collective's tensors on the current device, cuda:0 for every rank otherwise."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = local_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            torch.distributed.init_process_group("nccl", device_id=device)
+        else:
+            torch.distributed.init_process_group("gloo")
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 

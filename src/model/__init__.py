@@ -2,7 +2,7 @@
 the mask token, and the HF export every downstream tool reads."""
 
 from src.model.export import Export, load_export, read_settings, save_export
-from src.model.loading import build_model, check_model_source, model_from_config
+from src.model.loading import build_model, check_model_source, model_from_config, model_skeleton
 from src.model.tokenizer import (
     MASK_TOKEN,
     build_tokenizer,
@@ -24,6 +24,7 @@ __all__ = [
     "load_tokenizer",
     "mask_token_id_of",
     "model_from_config",
+    "model_skeleton",
     "read_settings",
     "save_export",
     "stop_token_of",

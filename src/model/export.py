@@ -78,13 +78,18 @@ def read_settings(path: str) -> dict[str, Any]:
     return settings
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """ "auto": the CUDA device when there is one (this process's under torchrun), else CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if not torch.cuda.is_available():
+def local_device(cuda: bool | None = None) -> torch.device:
+    """This process's device: `cuda:<LOCAL_RANK>` where there are GPUs (`cuda`: default,
+    whether CUDA is available), one per process as torchrun, SLURM and Lightning start them;
+    else the CPU. Chosen before any NCCL group exists, which binds to the current device."""
+    if not (torch.cuda.is_available() if cuda is None else cuda):
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """ "auto": this process's device (`local_device`); else the named one."""
+    return local_device() if device == "auto" else torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -66,9 +66,11 @@ def build_model(
     """An HF causal LM from `pretrained` (hub id or folder) or, from scratch, from `config`.
 
     Embeddings are resized only when the tokenizer (mask token included) has more entries
-    than the embedding matrix: Qwen2.5 has spare rows, SmolLM2 has none.
+    than the embedding matrix: Qwen2.5 has spare rows, SmolLM2 has none. `dtype` "auto": the
+    dtype training keeps the parameters in, which the LightningModule resolves from its
+    strategy (`src.training.module.parameter_dtype`); float32 here, outside a trainer.
     """
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
     if pretrained is not None:
         try:
             model = _load_pretrained(pretrained, gguf_file, attn_implementation, torch_dtype)
@@ -95,6 +97,27 @@ def model_from_config(
 ) -> PreTrainedModel:
     """`build_model` from a `model` config (conf/model/), ignoring keys it does not take."""
     return build_model(tokenizer, **{k: model[k] for k in BUILD_KEYS if k in model})
+
+
+def model_skeleton(tokenizer: PreTrainedTokenizerBase, model: Mapping[str, Any]) -> PreTrainedModel:
+    """The model `model_from_config` builds, without its weights: parameters on the meta device
+    (buffers real), from the architecture alone (a pretrained model's config.json; no weights
+    are read). For loading weights from elsewhere, e.g. a ZeRO checkpoint (`assign=True`)."""
+    from accelerate import init_empty_weights
+
+    pretrained = model.get("pretrained")
+    if pretrained is None:
+        config = AutoConfig.for_model(**_scratch_config(model.get("config") or {}, tokenizer))
+    else:
+        kwargs = {"gguf_file": model["gguf_file"]} if model.get("gguf_file") else {}
+        config = AutoConfig.from_pretrained(os.path.expanduser(pretrained), **kwargs)
+        config.__dict__.pop("quantization_config", None)  # GGUF: loaded dequantised
+    config._attn_implementation = model.get("attn_implementation", "sdpa")
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    if len(tokenizer) > skeleton.get_input_embeddings().num_embeddings:  # as `build_model`
+        skeleton.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    return skeleton
 
 
 def _scratch_config(config: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:

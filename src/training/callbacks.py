@@ -12,6 +12,7 @@ import threading
 
 import lightning as L
 
+from src.config.launch import slurm_job_id
 from src.model import save_export
 from src.training.zero import unpartitioned
 
@@ -41,11 +42,16 @@ class PreemptionCheckpoint(L.Callback):
 
     Lightning's own handler saves from inside the signal handler, wherever the loop happens to
     be, so the loop counters saved can be one step off the weights and a resumed run diverges.
-    This one only records the signal; the checkpoint is written at the end of a training batch,
-    where a periodic checkpoint would be, so the requeued job (same run directory,
-    `ckpt_path=last`) resumes exactly. Outside SLURM it checkpoints and stops the fit. Once a
-    newer periodic checkpoint exists, the preemption checkpoint is deleted: it is not kept
-    beside the retained ones (a ZeRO-3 checkpoint of a 7B model is ~100 GB).
+    This one only records the signal; the checkpoint is written at the end of the training batch
+    that completes an optimizer step (the last micro-batch of a gradient-accumulation window),
+    where a periodic checkpoint would be. Mid-window, the accumulated gradients are in no
+    checkpoint, and DeepSpeed (which restores its step count but not its micro-step count) and
+    Lightning (which restores its batch count) would disagree about where the next step ends.
+    So the requeued job (same run directory, `ckpt_path=last`) resumes exactly. Lead time: up to
+    one optimizer step plus the checkpoint write (`python -m src.plan` estimates both; the SLURM
+    launcher checks `signal_delay_s` against them). Outside SLURM it checkpoints and stops the
+    fit. Once a newer periodic checkpoint exists, the preemption checkpoint is deleted: it is
+    not kept beside the retained ones (a ZeRO-3 checkpoint of a 7B model is ~100 GB).
     """
 
     FILENAME = "preempted.ckpt"
@@ -54,6 +60,7 @@ class PreemptionCheckpoint(L.Callback):
         self.dirpath = dirpath
         self.signum = getattr(signal, signal_name)
         self.signalled = False
+        self._step_at_start = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Registered after Lightning's signal connector, so it replaces its SLURM handler;
@@ -64,11 +71,18 @@ class PreemptionCheckpoint(L.Callback):
     def _record(self, signum: int, frame: object) -> None:
         self.signalled = True
 
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        self._step_at_start = trainer.global_step
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object
     ) -> None:
         if trainer.is_global_zero:
             self._drop_if_superseded()
+        # The optimizer stepped in this batch (under every strategy alike) only at the end of
+        # an accumulation window: every rank is at the same boundary.
+        if trainer.global_step == self._step_at_start:
+            return
         # Ranks may get the signal at different batches: they agree before anyone saves.
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
@@ -77,11 +91,20 @@ class PreemptionCheckpoint(L.Callback):
         trainer.save_checkpoint(path)
         job_id = slurm_job_id()
         if job_id is None:
-            log.warning("signal %d: checkpoint %s written, stopping", self.signum, path)
+            log.warning(
+                "signal %d: checkpoint %s written at step %d, stopping",
+                self.signum,
+                path,
+                trainer.global_step,
+            )
             trainer.should_stop = True
         elif trainer.is_global_zero:
             log.warning(
-                "signal %d: checkpoint %s written, requeueing job %s", self.signum, path, job_id
+                "signal %d: checkpoint %s written at step %d, requeueing job %s",
+                self.signum,
+                path,
+                trainer.global_step,
+                job_id,
             )
             subprocess.run(["scontrol", "requeue", job_id], check=True)
 
@@ -101,11 +124,3 @@ class PreemptionCheckpoint(L.Callback):
         ):
             log.info("%s superseded by %s: deleted", path, os.path.realpath(last))
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-def slurm_job_id() -> str | None:
-    """The id `scontrol requeue` takes: `<array job>_<task>` for array tasks (Hydra multiruns)."""
-    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and task:
-        return f"{array_job}_{task}"
-    return os.environ.get("SLURM_JOB_ID")

@@ -9,6 +9,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
+from src.config.resolvers import GPU_ACCELERATORS
 from src.data.sft import check_lengths
 from src.decoding import DecodeSettings
 from src.diffusion import check_diffusion
@@ -26,13 +27,15 @@ def is_deepspeed(strategy: DictConfig | str | None) -> bool:
 
 
 def check_strategy(trainer: DictConfig) -> None:
-    """DeepSpeed needs CUDA: Lightning refuses it on CPU, but only after loading everything."""
+    """DeepSpeed runs on CUDA GPUs and on CPU ranks (`src.training.strategy`); asked for GPUs
+    where there are none, Lightning would fail only after loading everything."""
     if not is_deepspeed(trainer.strategy):
         return
-    if trainer.accelerator == "cpu" or not torch.cuda.is_available():
+    if trainer.accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
         raise ConfigError(
-            f"a DeepSpeed strategy needs CUDA GPUs (accelerator={trainer.accelerator}, "
-            f"CUDA available: {torch.cuda.is_available()}): use strategy=ddp on CPU"
+            f"a DeepSpeed strategy with trainer.accelerator={trainer.accelerator} needs CUDA "
+            "GPUs, and none is available: pass trainer.accelerator=cpu (with "
+            "trainer.precision=32-true) to run it on CPU ranks"
         )
 
 
@@ -69,6 +72,35 @@ def check_types(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} must be >= {least}")
     if cfg.trainer.max_steps == 0:
         raise ConfigError("trainer.max_steps=0 trains nothing: pass a positive number of steps")
+
+
+def check_val_check_interval(trainer: DictConfig) -> None:
+    """`trainer.val_check_interval` is a number of optimizer steps or a fraction of an epoch."""
+    interval = trainer.val_check_interval
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval!r} must be a number of optimizer steps (an "
+            "int >= 1) or a fraction of an epoch (a float in (0, 1])"
+        )
+    if isinstance(interval, float) and interval > 1:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval} is a float above 1: pass an int for a "
+            "number of optimizer steps, or a fraction of an epoch in (0, 1]"
+        )
+
+
+def val_check_batches(trainer: DictConfig) -> int | float:
+    """`trainer.val_check_interval` as Lightning counts it: in training batches (micro-batches).
+
+    Every interval of a run's config counts optimizer steps, as the checkpoint, logging and
+    decode-eval intervals do in Lightning; its `val_check_interval` alone counts batches, so
+    with `accumulate_grad_batches: 4` a 500 there would validate every 125 steps. A float is a
+    fraction of an epoch, Lightning's own meaning.
+    """
+    interval = trainer.val_check_interval
+    if isinstance(interval, float):
+        return interval
+    return interval * trainer.accumulate_grad_batches
 
 
 def check_distillation(cfg: DictConfig) -> None:
@@ -125,6 +157,7 @@ def check_decode_eval(cfg: DictConfig) -> None:
 def check_train(cfg: DictConfig) -> None:
     """All compose-time checks of a training run."""
     check_types(cfg)
+    check_val_check_interval(cfg.trainer)
     check_writable(
         {
             key: OmegaConf.select(cfg, key)

@@ -70,16 +70,22 @@ class DecodeEval(L.Callback):
         self._problems: dict[str, list[dict]] = {}
         self._started = 0.0
         self._last_step = -1
+        self._step_at_start = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
         self.eval_seconds = 0.0
 
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_at_start = trainer.global_step
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
     ) -> None:
+        # Only in the batch that made the optimizer step: with gradient accumulation the step
+        # count stays put over the next micro-batches (and a resumed run starts mid-count).
         step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if step != self._step_at_start and step % self.every_n_steps == 0:
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

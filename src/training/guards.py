@@ -4,6 +4,7 @@ a run directory has one run at a time."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -18,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from src.config import ConfigError
+from src.config.launch import slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class FiniteLoss(L.Callback):
         self.first_bad_step: int | None = None
         self.bad_steps = 0
         self.weights_step = 0
+        self._step_finite = True  # every micro-batch loss of the current step so far
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
         # The weights this batch's loss comes from are the checkpoint of this step.
@@ -55,7 +58,12 @@ class FiniteLoss(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, *args: object
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        finite = loss is not None and bool(torch.isfinite(loss.detach()).all())
+        self._step_finite &= loss is not None and bool(torch.isfinite(loss.detach()).all())
+        # Judged per optimizer step: at the batch that made it (the end of an accumulation
+        # window), when every rank is at the same boundary.
+        if trainer.global_step == self.weights_step:
+            return
+        finite, self._step_finite = self._step_finite, True
         if trainer.strategy.reduce_boolean_decision(finite, all=True):
             self.first_bad_step, self.bad_steps = None, 0
             return
@@ -135,39 +143,76 @@ def is_first_process() -> bool:
     return all(int(os.environ.get(name, 0)) == 0 for name in ranks)
 
 
+# What flock raises where the filesystem has no locks (Lustre mounted without `flock`, NFS
+# without a lock manager, some FUSE filesystems).
+NO_LOCKS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK}
+
+
 class RunDirLock:
     """An exclusive lock on a run directory, held for the life of the process.
 
     A second run into the same directory is refused with the holder's PID and host. A lock
     left by a run that was killed is released by the kernel with its process, so the next run
-    takes it over (and says so)."""
+    takes it over (and says so). Two cases a cluster adds: on a filesystem without locks the
+    run goes on with a warning (unguarded), and a lock held on another node by the same SLURM
+    job id is taken over: it is this job's own, left by a node that died (an NFS lock outlives
+    its node until the server's lease ends) before the job was requeued onto this one.
+    """
 
     def __init__(self, run_dir: str) -> None:
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, LOCK_FILE)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.locked = False
+        previous = _read_holder(self.path)
+        job_id = slurm_job_id()
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.locked = True
         except BlockingIOError:
-            holder = _read_holder(self.path)
-            os.close(self.fd)
-            raise ConfigError(
-                f"{run_dir} is in use by another run (PID {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')}): wait for it, or pick another hydra.run.dir"
-            ) from None
-        previous = _read_holder(self.path)
-        if previous:
+            if not (job_id and previous.get("slurm_job") == job_id and _other_host(previous)):
+                os.close(self.fd)
+                raise ConfigError(
+                    f"{run_dir} is in use by another run (PID {previous.get('pid', '?')} on "
+                    f"{previous.get('host', '?')}): wait for it, or pick another hydra.run.dir"
+                ) from None
             log.warning(
-                "taking over %s from PID %s (no longer running)", self.path, previous.get("pid")
+                "taking over %s from SLURM job %s on %s (PID %s): this job, requeued onto %s; "
+                "the old node's lock is left to expire",
+                self.path,
+                job_id,
+                previous.get("host"),
+                previous.get("pid"),
+                socket.gethostname(),
             )
-        holder = {"pid": os.getpid(), "host": socket.gethostname()}
+        except OSError as err:
+            if err.errno not in NO_LOCKS:
+                os.close(self.fd)
+                raise
+            log.warning(
+                "%s: the filesystem has no file locks (%s): this run goes on, but nothing stops "
+                "a second run from writing into the same directory",
+                self.path,
+                os.strerror(err.errno),
+            )
+        else:
+            if previous:
+                log.warning(
+                    "taking over %s from PID %s (no longer running)", self.path, previous.get("pid")
+                )
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": job_id}
         os.ftruncate(self.fd, 0)
-        os.write(self.fd, json.dumps(holder).encode())
+        os.pwrite(self.fd, json.dumps(holder).encode(), 0)
 
     def release(self) -> None:
         os.ftruncate(self.fd, 0)
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        if self.locked:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+def _other_host(holder: dict) -> bool:
+    return holder.get("host") not in (None, socket.gethostname())
 
 
 def _read_holder(path: str) -> dict:

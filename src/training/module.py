@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from transformers import PreTrainedTokenizerBase
 
 from src.diffusion import ar_loss, block_diffusion_loss
@@ -50,6 +51,7 @@ class DiffusionLM(L.LightningModule):
         # The frozen AR teacher of distillation (SPEC 5.2), kept out of the module's children:
         # no optimizer state, not in checkpoints; moved to the device in `on_fit_start`.
         self._teacher: list[torch.nn.Module] = []
+        self._step_loss: torch.Tensor | float = 0.0  # this rank's micro-batch losses of the step
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -58,28 +60,40 @@ class DiffusionLM(L.LightningModule):
         # empty parameter shards; it holds only a weak reference, so the module keeps it.
         strategy = self._trainer.strategy if self._trainer is not None else None
         self._hf_deepspeed_config = hf_deepspeed_config(strategy)
+        config = dict(self.model_cfg)
+        if config.get("dtype", "auto") == "auto":
+            config["dtype"] = _name(parameter_dtype(self._trainer))
         # from_pretrained returns eval mode; Lightning keeps whatever mode it finds.
-        self.model = model_from_config(self.tokenizer, self.model_cfg).train()
+        self.model = model_from_config(self.tokenizer, config).train()
         if self.diffusion.get("distill_weight", 0.0) > 0:
-            self._teacher = [self._build_teacher()]
+            self._teacher = [self._build_teacher(config)]
 
-    def _build_teacher(self) -> torch.nn.Module:
+    def _build_teacher(self, student: dict[str, Any]) -> torch.nn.Module:
         """The AR-init the run starts from (or `diffusion.distill_teacher`), frozen, loaded
-        once (`check_distillation` checked it exists and speaks the student's tokenizer)."""
+        once (`check_distillation` checked it exists and speaks the student's tokenizer),
+        straight in the dtype it computes in."""
         source = self.diffusion.get("distill_teacher") or self.model_cfg["pretrained"]
-        config = {**self.model_cfg, "pretrained": source, "gradient_checkpointing": False}
+        dtype = compute_dtype(self._trainer) or getattr(torch, student["dtype"])
+        config = {
+            **student,
+            "pretrained": source,
+            "gradient_checkpointing": False,
+            "dtype": _name(dtype),
+        }
         return model_from_config(self.tokenizer, config).eval().requires_grad_(False)
 
     def on_fit_start(self) -> None:
-        # The training dtype: 16-bit under bf16/fp16 mixed precision, the model's otherwise.
-        precision = str(self.trainer.precision)
-        dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
         for teacher in self._teacher:
-            teacher.to(device=self.device, dtype=dtype or next(self.model.parameters()).dtype)
+            teacher.to(device=self.device)
 
-    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+        normaliser: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.diffusion["objective"] == "ar":
-            return ar_loss(self.model, batch["input_ids"], batch["labels"])
+            return ar_loss(self.model, batch["input_ids"], batch["labels"], normaliser)
         return block_diffusion_loss(
             self.model,
             batch["input_ids"],
@@ -92,6 +106,7 @@ class DiffusionLM(L.LightningModule):
             shared_clean_stream=self.diffusion["shared_clean_stream"],
             teacher=self._teacher[0] if self._teacher else None,
             generator=generator,
+            normaliser=normaliser,
             **{key: self.diffusion[key] for key in RECIPE_OPTIONS if key in self.diffusion},
         )
 
@@ -102,12 +117,26 @@ class DiffusionLM(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        # batch_idx is not stable across a mid-epoch restore (Lightning may renumber the
-        # resumed epoch's batches), so the noise is keyed by the optimizer step and the
-        # micro-batch within it.
-        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
-        loss = self.loss(batch, self._generator(0, self.global_step, micro_batch))
-        self.log("train/loss", loss, prog_bar=True)
+        # The noise is keyed by the optimizer step and the micro-batch within it (checkpoints
+        # are taken at step boundaries, and an epoch holds whole steps).
+        accumulate = self.trainer.accumulate_grad_batches
+        micro_batch = batch_idx % accumulate
+        generator = self._generator(0, self.global_step, micro_batch)
+        if "window_supervised" in batch:
+            # SPEC section 2: over the supervised tokens of the whole step (every rank, every
+            # micro-batch; the data knows them before the step starts). DDP and DeepSpeed
+            # alike average the micro-batches' gradients over ranks and the accumulation, so
+            # each micro-batch's loss is its sum over the step's count, times those shares:
+            # the step's gradient is then that of one batch holding all of it.
+            shares = self.trainer.world_size * accumulate
+            loss = self.loss(batch, generator, batch["window_supervised"][0]) * shares
+        else:  # batches from elsewhere (no datamodule): each normalised by its own count
+            loss = self.loss(batch, generator)
+        # Logged once per step: the step's loss (the mean of its micro-batches over ranks).
+        self._step_loss = self._step_loss + loss.detach()
+        if micro_batch == accumulate - 1:
+            self.log("train/loss", self._step_loss / accumulate, prog_bar=True, sync_dist=True)
+            self._step_loss = 0.0
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -143,6 +172,35 @@ class DiffusionLM(L.LightningModule):
             "trained_steps": self.global_step,
             "init": self.model_cfg.get("pretrained") or "scratch",
         }
+
+
+def compute_dtype(trainer: L.Trainer | None) -> torch.dtype | None:
+    """The 16-bit dtype of bf16 / fp16 precision (mixed or true), None for 32-bit."""
+    precision = str(trainer.precision) if trainer is not None else "32-true"
+    return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+
+
+def parameter_dtype(trainer: L.Trainer | None) -> torch.dtype:
+    """The dtype a run builds its model in (`model.dtype: auto`): the one its strategy trains
+    the parameters in, so nothing is built in fp32 only to be cast.
+
+    DeepSpeed with bf16 / fp16 keeps 16-bit parameters (it casts the module itself, ZeRO-3 at
+    creation) and makes its fp32 master weights from those 16-bit values: a model built in
+    fp32 gives the same master weights and costs twice the memory while it is built (a 7B
+    student: ~30 GB instead of ~15 GB per rank, before DeepSpeed casts it). `*-true`
+    precision: its dtype. Lightning's own mixed precision (DDP, single device) autocasts
+    fp32 parameters, which its optimizer updates: float32.
+    """
+    dtype = compute_dtype(trainer)
+    if dtype is None:
+        return torch.float32
+    if str(trainer.precision).endswith("-true") or isinstance(trainer.strategy, DeepSpeedStrategy):
+        return dtype
+    return torch.float32
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Any:

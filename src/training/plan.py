@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from src.config import ConfigError
 from src.diffusion import ar_term_from_clean_stream
-from src.model import build_tokenizer
+from src.model import build_tokenizer, check_model_source
 from src.model.released import model_config as released_config
+from src.training.checks import is_deepspeed
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,84 @@ def memory_plan(cfg: DictConfig) -> Plan:
 
 def _checkpointing(cfg: DictConfig) -> bool:
     return bool(cfg.model.get("gradient_checkpointing", False))
+
+
+@dataclass
+class LeadTime:
+    """What a preemption signal must leave time for (`PreemptionCheckpoint`): reaching the end
+    of the current optimizer step, then writing the run's checkpoint. Seconds, estimated."""
+
+    checkpoint_gib: float
+    write_s: float
+    step_s: float
+
+    @property
+    def needed_s(self) -> float:
+        return self.step_s + self.write_s
+
+
+def step_flops(cfg: DictConfig, config: PretrainedConfig, params: int) -> float:
+    """FLOPs one GPU spends on one optimizer step: every micro-batch's forward and backward
+    (2 FLOPs per parameter and token per pass, backward = 2 passes, gradient checkpointing
+    one more) plus attention (4 h S^2 per layer and pass over S tokens), for the run's
+    objective: the noisy views and the clean stream, the AR term's causal pass, the teacher's
+    forward."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+
+    def forward(tokens: int) -> float:
+        return 2 * params * tokens + 4 * layers * h * tokens**2
+
+    trained = 4 if _checkpointing(cfg) else 3
+    seq_len, (run_streams, _) = cfg.data.seq_len, streams(cfg.diffusion)
+    flops = trained * forward(run_streams * seq_len)
+    if cfg.diffusion.get("ar_weight", 0.0) > 0:
+        flops += trained * forward(seq_len)
+    if cfg.diffusion.get("distill_weight", 0.0) > 0:
+        flops += forward(seq_len)
+    return cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * flops
+
+
+def preemption_lead_time(cfg: DictConfig) -> LeadTime:
+    """One optimizer step at `cluster.gpu_tflops` plus one checkpoint of the run's strategy
+    at `cluster.write_gbps` (GB/s, all ranks together)."""
+    config, _ = model_config(cfg.model)
+    params, _ = count_parameters(config)
+    kind = "deepspeed" if is_deepspeed(cfg.trainer.strategy) else "ddp"
+    checkpoint = params * CHECKPOINT_BYTES[kind]
+    return LeadTime(
+        checkpoint_gib=checkpoint / GIB,
+        write_s=checkpoint / (cfg.cluster.write_gbps * 1e9),
+        step_s=step_flops(cfg, config, params) / (cfg.cluster.gpu_tflops * 1e12),
+    )
+
+
+def format_lead_time(lead: LeadTime, cfg: DictConfig) -> str:
+    return (
+        f"preemption:  ~{lead.step_s:.0f} s to finish an optimizer step (cluster.gpu_tflops="
+        f"{cfg.cluster.gpu_tflops}) + ~{lead.write_s:.0f} s to write the {lead.checkpoint_gib:.1f} "
+        f"GiB checkpoint (cluster.write_gbps={cfg.cluster.write_gbps}): the SLURM signal must "
+        f"come >= {math.ceil(lead.needed_s)} s before the time limit (hydra.launcher.signal_delay_s)"
+    )
+
+
+def check_signal_delay(base: DictConfig, job: DictConfig) -> None:
+    """A SLURM launcher's `signal_delay_s` (from the sweep's `base` config) must cover one
+    job's preemption: ConfigError (one line) otherwise. A job check of `LaunchChecks`."""
+    check_model_source(job.model)  # a missing AR-init: the command that makes it
+    try:
+        lead = preemption_lead_time(job)
+    except ValueError as err:  # the model's architecture cannot be read
+        raise ConfigError(f"cannot estimate the preemption lead time: {err}") from None
+    delay = base.hydra.launcher.signal_delay_s
+    if delay < lead.needed_s:
+        raise ConfigError(
+            f"hydra.launcher.signal_delay_s={delay} is too short for a preemption checkpoint: "
+            f"finishing an optimizer step (~{lead.step_s:.0f} s at cluster.gpu_tflops="
+            f"{job.cluster.gpu_tflops}) plus writing the {lead.checkpoint_gib:.1f} GiB checkpoint "
+            f"(~{lead.write_s:.0f} s at cluster.write_gbps={job.cluster.write_gbps}) takes "
+            f"~{lead.needed_s:.0f} s: raise it to >= {math.ceil(lead.needed_s)} "
+            "(`python -m src.plan` prints the estimate)"
+        )
 
 
 def format_plan(plan: Plan, cfg: DictConfig) -> str:

@@ -64,7 +64,8 @@ def _hyperparameters(path: str) -> dict[str, Any] | None:
             with open(os.path.join(path, "latest")) as f:
                 tag = f.read().strip()
             states = glob.glob(os.path.join(path, tag, "*mp_rank_00_model_states.pt"))
-            state = torch.load(states[0], map_location="cpu", weights_only=False)
+            # Memory-mapped: under ZeRO-2 this file also holds all 16-bit weights.
+            state = torch.load(states[0], map_location="cpu", weights_only=False, mmap=True)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return dict(state["hyper_parameters"])

@@ -127,10 +127,16 @@ def unpartitioned(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
             del plain, tensors  # the gathered tensors must be free when the block exits
 
 
-def zero_checkpoint_state_dict(checkpoint_dir: str, tag: str | None = None) -> dict[str, Any]:
-    """Consolidated fp32 weights of a ZeRO (stage 1-3) checkpoint, with HF parameter names.
+def zero_checkpoint_state_dict(
+    checkpoint_dir: str, tag: str | None = None, dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Consolidated weights of a ZeRO (stage 1-3) checkpoint with HF parameter names, in `dtype`
+    (default float32: the optimizer's master weights).
 
-    Tied weights appear under every name they have (zero_to_fp32 restores shared params).
+    Made one parameter at a time: DeepSpeed's lazy reader maps the checkpoint's fp32 partitions
+    from disk, and each parameter is gathered from them and cast before the next, so host
+    memory holds the result and one fp32 parameter (under ZeRO-3; DeepSpeed's ZeRO-2 reader
+    concatenates the fp32 partitions first). Tied weights: one tensor under each name.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -139,8 +145,16 @@ def zero_checkpoint_state_dict(checkpoint_dir: str, tag: str | None = None) -> d
             f"{checkpoint_dir} is not a DeepSpeed checkpoint folder: pass the folder Lightning's "
             "DeepSpeedStrategy wrote, e.g. checkpoints/last.ckpt"
         )
-    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
-    return {_hf_name(k): v for k, v in state.items()}
+    lazy = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag, lazy_mode=True)
+    made: dict[int, torch.Tensor] = {}  # shared parameters are one lazy object
+    state = {}
+    for name, tensor in lazy.items():
+        if id(tensor) not in made:
+            full = tensor.contiguous()  # a ZeRO-3 parameter is gathered here
+            cast = dtype is not None and full.is_floating_point()
+            made[id(tensor)] = full.to(dtype) if cast else full
+        state[_hf_name(name)] = made[id(tensor)]
+    return state
 
 
 def _hf_name(name: str) -> str:
@@ -160,11 +174,10 @@ def export_zero_checkpoint(
     dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """Load a ZeRO checkpoint's consolidated weights into `model` (same architecture, any
-    device, meta included) and write the HF export. `dtype`: e.g. torch.bfloat16 for the
-    weights the bf16 run computed with; default fp32 (the optimizer's master weights)."""
-    state = zero_checkpoint_state_dict(checkpoint_dir, tag)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
+    device; best a skeleton on the meta device, `model_skeleton`, so no other copy of the
+    weights exists) and write the HF export. `dtype`: e.g. torch.bfloat16 for the weights the
+    bf16 run computed with (half the memory); default fp32 (the optimizer's master weights)."""
+    state = zero_checkpoint_state_dict(checkpoint_dir, tag, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     if model.config.tie_word_embeddings:
         model.tie_weights()

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from src.model import build_tokenizer
+from src.model import build_tokenizer, model_skeleton
 from src.training.module import DiffusionLM
 from src.training.zero import export_zero_checkpoint
 
@@ -31,20 +31,25 @@ def _checkpoint_client_state(checkpoint_dir: str, tag: str | None) -> dict[str, 
     files = sorted(glob.glob(os.path.join(checkpoint_dir, tag, "*mp_rank_00_model_states.pt")))
     if not files:
         raise ValueError(f"{checkpoint_dir}/{tag} holds no DeepSpeed model states file")
-    return torch.load(files[0], map_location="cpu", weights_only=False)
+    # Memory-mapped: under ZeRO-2 this file also holds all 16-bit weights.
+    return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
 
 
 def export_lightning_zero_checkpoint(
-    checkpoint_dir: str, path: str, tag: str | None = None
+    checkpoint_dir: str, path: str, tag: str | None = None, dtype: torch.dtype | None = None
 ) -> None:
     """HF export of a Lightning DeepSpeed checkpoint of `DiffusionLM`, rebuilt from the run's
-    saved hyperparameters (the model's pretrained source must still be reachable)."""
+    saved hyperparameters: the architecture only (the pretrained source's config.json must
+    still be reachable; none of its weights is read), the weights from the checkpoint, in
+    `dtype` (default float32, the master weights)."""
     client = _checkpoint_client_state(checkpoint_dir, tag)
     hparams = dict(client["hyper_parameters"])
     hparams.pop("tokenizer_fingerprint", None)  # recorded by DiffusionLM, not an argument
     tokenizer = build_tokenizer(OmegaConf.create(hparams["model"]))
     module = DiffusionLM(tokenizer, **hparams)
-    module.configure_model()
     settings = {**module.export_settings(), "trained_steps": client["global_step"]}
-    export_zero_checkpoint(checkpoint_dir, module.model, tokenizer, settings, path, tag=tag)
+    skeleton = model_skeleton(tokenizer, hparams["model"])
+    export_zero_checkpoint(
+        checkpoint_dir, skeleton, tokenizer, settings, path, tag=tag, dtype=dtype
+    )
     log.info("HF export of %s written to %s", checkpoint_dir, path)
