@@ -339,7 +339,21 @@ def test_generate_ar_is_greedy_with_stop(arch):
     assert out.forwards <= 12
 
 
+def _inductor_vector_bits() -> int:
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return pick_vec_isa().bit_width()
+
+
+# torch 2.13's inductor CPU flex-attention kernel decodes wrongly when it is generated for
+# AVX2: the same test fails on an AVX-512 machine with `torch._inductor.config.cpp.simdlen =
+# 256` and passes without it (and the training-side flex tests pass on both). The masks are
+# ours; that kernel is not, so the decode check runs where inductor emits AVX-512 code.
 @pytest.mark.slow
+@pytest.mark.skipif(
+    _inductor_vector_bits() < 512,
+    reason="torch 2.13 inductor's AVX2 CPU flex-attention kernel is wrong (simdlen=256)",
+)
 def test_flex_attention_matches_sdpa():
     sdpa = make_model("qwen2", "sdpa").float()
     flex = make_model("qwen2", "flex_attention").float()
