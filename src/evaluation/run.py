@@ -17,6 +17,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError, instantiate
+from src.config.files import write_text
 from src.decoding import check_export, load_decoder_from_config
 from src.evaluation.benchmarks import get
 from src.evaluation.protocol import protocol_record
@@ -96,12 +97,14 @@ def join_process_group() -> int:
 
 
 def write_run_files(output_dir: str, metrics: dict[str, Any], evaluation: Evaluation) -> None:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    with open(os.path.join(output_dir, "samples.jsonl"), "w") as f:
-        for sample in evaluation.samples:
-            f.write(json.dumps(sample) + "\n")
+    """samples.jsonl, then metrics.json, each whole or not at all (`src.config.files`): a
+    metrics.json is only ever beside the samples it scored, and a rerun that fails keeps the
+    previous pair."""
+    write_text(
+        os.path.join(output_dir, "samples.jsonl"),
+        "".join(json.dumps(sample) + "\n" for sample in evaluation.samples),
+    )
+    write_text(os.path.join(output_dir, "metrics.json"), json.dumps(metrics, indent=2))
 
 
 def log_to(loggers: list, cfg: DictConfig, metrics: dict[str, Any], evaluation: Evaluation) -> None:

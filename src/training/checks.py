@@ -9,12 +9,12 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
+from src.config.files import check_writable
 from src.config.resolvers import GPU_ACCELERATORS
 from src.data.sft import check_lengths
 from src.decoding import DecodeSettings
 from src.diffusion import check_diffusion
 from src.model import build_tokenizer, check_model_source, tokenizer_fingerprint
-from src.training.guards import check_writable
 
 
 def is_deepspeed(strategy: DictConfig | str | None) -> bool:
