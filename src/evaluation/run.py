@@ -35,6 +35,9 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
         raise ConfigError(f"limit={cfg.limit} must be >= 1 (or null for all problems)")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
+    share = cfg.max_scorer_error_share
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise ConfigError(f"max_scorer_error_share={share!r} must be a number in [0, 1]")
     check_export(cfg.ckpt, cfg.decode, cfg.decoder)
     options = {k: v for k, v in OmegaConf.to_container(cfg.benchmark).items() if k != "_target_"}
     benchmark = get(**options)
@@ -79,7 +82,21 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
     if rank == 0:
         write_run_files(output_dir, metrics, evaluation)
         log_to(loggers, cfg, metrics, evaluation)
+    check_scorer_errors(metrics, share)
     return metrics
+
+
+def check_scorer_errors(metrics: dict[str, Any], max_share: float) -> None:
+    """ValueError when the scorer failed on more than `max_share` of the responses: those
+    count as wrong, so the score would measure the scorer (or the data), not the model. The
+    run's files are written first; the exit status says the number is no result."""
+    errors, scored = metrics["score_errors"], metrics["num_scored"]
+    if scored and errors / scored > max_share:
+        raise ValueError(
+            f"the scorer failed on {errors} of {scored} responses (more than "
+            f"max_scorer_error_share={max_share}): {metrics['metric']} "
+            f"{metrics[metrics['metric']]:.4f} is no result; see the warnings above"
+        )
 
 
 def join_process_group() -> int:
