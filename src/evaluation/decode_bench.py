@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
+from src.config.files import check_output_file
 from src.decoding import (
     Decoder,
     DecodeSettings,
@@ -55,13 +56,31 @@ class DecodeVariant:
                 self.cost.add(result)
 
 
+# Options that take a list of values, one variant each ([] allowed for verified_drafts only),
+# with an example for the error that refuses [].
+LIST_KEYS = {
+    "thresholds": "[0.9]",
+    "sub_block_cache": "[false]",
+    "verified_drafts": "[single]",
+    "batch_sizes": "[1]",
+}
+
+
 def check_options(cfg: DictConfig) -> DecodeSettings:
     """The decode settings of a `bench decode` config, every option checked before anything
-    loads (each threshold must make valid settings)."""
+    loads (each threshold must make valid settings); a scalar where a list is expected is
+    made the one-element list, in `cfg`."""
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError(f"limit={cfg.limit} must be >= 1 (or null for all prompts)")
-    if cfg.threads < 1 or not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+    for key, example in LIST_KEYS.items():
+        # `batch_sizes=1` on the command line is a scalar: it means the one-element list.
+        if not OmegaConf.is_list(cfg[key]):
+            cfg[key] = [cfg[key]]
+        if not cfg[key] and key != "verified_drafts":
+            raise ConfigError(f"{key}=[] leaves no variant to measure: pass e.g. {key}={example}")
+    if cfg.threads < 1 or min(cfg.batch_sizes) < 1:
         raise ConfigError("batch_sizes (e.g. [1,8]) and threads must be >= 1")
+    check_output_file("out", cfg.out)
     read_settings(cfg.ar_ckpt)
     decode = check_export(cfg.ckpt, cfg.decode, "diffusion")[1]
     for t in cfg.thresholds:
