@@ -167,13 +167,18 @@ class RunDirCheck(Callback):
     (its own attempt is a traceback) and before anything loads (conf/hydra/default.yaml)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check("hydra.run.dir", config.hydra.run.dir)
+        self._check(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check("hydra.sweep.dir", config.hydra.sweep.dir)
+        self._check(config, "hydra.sweep.dir")
 
     @staticmethod
-    def _check(key: str, path: str) -> None:
+    def _check(config: DictConfig, key: str) -> None:
+        # The directories resolve `${hydra:runtime.choices...}`, which needs the Hydra config
+        # set; Hydra sets it only later (and the basic sweeper, never: `src.eval -m` failed).
+        if not HydraConfig.initialized():
+            HydraConfig.instance().set_config(config)
+        path = OmegaConf.select(config, key)
         try:
             check_writable({key: path})
         except ConfigError as err:
