@@ -37,6 +37,13 @@ class FinalCheckpoint(ModelCheckpoint):
         """Checkpoint the current step unless it is saved already (collective, every rank)."""
         if trainer.global_step == 0 or self._last_global_step_saved == trainer.global_step:
             return
+        # A fit stopped for preemption has its checkpoint (the one the requeued job resumes
+        # from); another of the same step would double the write when time is shortest.
+        if any(
+            isinstance(c, PreemptionCheckpoint) and c.saved_step == trainer.global_step
+            for c in trainer.callbacks
+        ):
+            return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
@@ -114,6 +121,7 @@ class PreemptionCheckpoint(L.Callback):
         self.dirpath = dirpath
         self.signum = getattr(signal, signal_name)
         self.signalled = False
+        self.saved_step: int | None = None  # the step of the checkpoint this run wrote
         self._step_at_start = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -143,6 +151,7 @@ class PreemptionCheckpoint(L.Callback):
         self.signalled = False
         path = os.path.join(self.dirpath, self.FILENAME)
         trainer.save_checkpoint(path)
+        self.saved_step = trainer.global_step
         job_id = slurm_job_id()
         if job_id is None:
             log.warning(
