@@ -370,3 +370,26 @@ def test_a_failed_export_keeps_the_last_one_and_a_rerun_only_exports(artifacts, 
     with open(newest) if newest.exists() else open(os.devnull) as f:
         assert not any(row.get("train/loss") for row in csv.DictReader(f))
     assert read_settings(str(export))["trained_steps"] == 6 and decoded(export) == before
+
+
+def test_a_failed_eval_write_keeps_the_previous_run_files(bad_files, tmp_path):
+    args = [
+        sys.executable, "-m", "src.eval", f"ckpt={bad_files['export']}", "limit=100",
+        "batch_size=50", "decode.max_new_tokens=2", "decode.sub_block_size=4",
+        f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    first = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {name: (tmp_path / name).read_bytes() for name in ("metrics.json", "samples.jsonl")}
+    assert len(before["samples.jsonl"]) > 10_000 > len(before["metrics.json"])
+    # A rerun into the same directory whose samples.jsonl cannot be written whole (writes past
+    # 8 kB fail, as on a full disk; the Hydra config and metrics.json would fit).
+    failed = subprocess.run(
+        [*args, "decode.threshold=0.5"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+        timeout=300, preexec_fn=limit_file_size(8_000),
+    )  # fmt: skip
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert last_line(failed).startswith(f"error: cannot write samples.jsonl to {tmp_path}/")
+    # The previous run's pair is whole and unchanged; no temporary file is left.
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not list(tmp_path.glob("*.tmp-*"))
