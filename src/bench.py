@@ -24,7 +24,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import ConfigError
+from src.config import ConfigError, as_lists
 from src.config.files import check_output_file, write_text
 from src.data.prepare_bench import bench_prepare, extrapolate, print_prepare_table
 from src.evaluation.decode_bench import bench_decode, print_decode_table
@@ -67,6 +67,10 @@ def decode(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench_data")
 def data(cfg: DictConfig) -> None:
     try:
+        as_lists(
+            cfg,
+            {"bench.tokens": "[1000000]", "bench.num_proc": "[1]", "bench.sources": "[synthetic]"},
+        )
         check_output_file("bench.out", cfg.bench.out)
         check_model_source(cfg.model)
         rows = bench_prepare(

@@ -258,7 +258,7 @@ def test_bad_input_is_one_line_naming_the_fix(bad_files, artifacts, tmp_path):
         case: (module, [*overrides(f), f"paths.artifacts_dir={artifacts}", f"hydra.run.dir={tmp_path}/{i}"], start, part)
         for i, (case, (module, overrides, start, part)) in enumerate(CASES.items())
     } | {
-        "empty list": ("src.bench", [*bench, "thresholds=[]"], "error:", "thresholds=[] leaves no variant to measure"),
+        "empty list": ("src.bench", [*bench, "thresholds=[]"], "error:", "thresholds=[] leaves nothing to measure: pass e.g. thresholds=[0.9]"),
         "bench out under a file": ("src.bench", [*bench, f"out={file_dir}/b.json"], "error:", f"out={file_dir}: {file_dir} is a file, not a folder"),
         "run dir under a file": ("src.train", ["experiment=tiny_ar", f"hydra.run.dir={file_dir}/run"], "config error:", f"hydra.run.dir={file_dir}/run: {file_dir} is a file"),
         "max_steps -1": ("src.train", ["experiment=tiny_ar", "trainer.max_steps=-1", f"hydra.run.dir={tmp_path}/t"], "config error:", "trainer.max_steps=-1 without an epoch budget"),

@@ -82,10 +82,12 @@ def atomic_folder(
     path: str | Path, *, what: str = "the output", needed: int | None = None
 ) -> Iterator[Path]:
     """Yield `<path>.tmp-<pid>` to fill; when the block ends without error, it replaces
-    `path` (the old folder is moved aside, the new one moved in, then the old one deleted:
-    renames within one folder, so a reader never sees a half-written folder). On an error
-    the temporary folder is removed and `path` is untouched. `needed`: bytes the folder will
-    take, checked against the free space first."""
+    `path`: the old folder is moved aside, the new one moved in, then the old one deleted
+    (renames within one folder: a reader sees the old folder or the new one, never a
+    half-written one; only for the instant between the two renames, none). On an error the
+    temporary folder is removed and `path` is untouched; a killed process leaves its
+    temporary folder beside `path`, never a mix in it. `needed`: bytes the folder will take,
+    checked against the free space first."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     if needed is not None:
@@ -107,7 +109,7 @@ def atomic_folder(
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, *, what: str | None = None) -> Iterator[Path]:
+def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield `<stem>.tmp-<pid><suffix>` beside `path` to write (the suffix kept for writers
     that read the format from it); when the block ends without error it replaces `path` in
     one rename. On an error the temporary file is removed, `path` untouched."""
@@ -118,7 +120,7 @@ def atomic_file(path: str | Path, *, what: str | None = None) -> Iterator[Path]:
         yield tmp
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        _failed(error, what or target.name, target, None)
+        _failed(error, target.name, target, None)
         raise
     os.replace(tmp, target)
 

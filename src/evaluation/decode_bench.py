@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from src.config import ConfigError
+from src.config import ConfigError, as_lists
 from src.config.files import check_output_file
 from src.decoding import (
     Decoder,
@@ -72,12 +72,7 @@ def check_options(cfg: DictConfig) -> DecodeSettings:
     made the one-element list, in `cfg`."""
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError(f"limit={cfg.limit} must be >= 1 (or null for all prompts)")
-    for key, example in LIST_KEYS.items():
-        # `batch_sizes=1` on the command line is a scalar: it means the one-element list.
-        if not OmegaConf.is_list(cfg[key]):
-            cfg[key] = [cfg[key]]
-        if not cfg[key] and key != "verified_drafts":
-            raise ConfigError(f"{key}=[] leaves no variant to measure: pass e.g. {key}={example}")
+    as_lists(cfg, LIST_KEYS, may_be_empty=("verified_drafts",))
     if cfg.threads < 1 or min(cfg.batch_sizes) < 1:
         raise ConfigError("batch_sizes (e.g. [1,8]) and threads must be >= 1")
     check_output_file("out", cfg.out)

@@ -65,6 +65,7 @@ def eval_config(cfg: DictConfig, name: str, decoder: str) -> DictConfig:
             "decode": benchmark_decode(cfg.decode, benchmark, overrides(cfg)),
             "limit": cfg.limit,
             "batch_size": cfg.batch_size,
+            "max_scorer_error_share": cfg.max_scorer_error_share,
             "logger": {},
             **{key: cfg[key] for key in EXPORT_KEYS},
         }

@@ -1,5 +1,6 @@
 """Lightning callbacks of a training run (conf/callbacks/): the final step's checkpoint, the HF
-export at the end of fit and the preemption checkpoint. The decode evaluation is `src.training.decode_eval`."""
+export at the end of fit and the preemption checkpoint. The decode evaluation is
+`src.training.decode_eval`."""
 
 from __future__ import annotations
 
