@@ -36,8 +36,8 @@ class FinalCheckpoint(ModelCheckpoint):
 
     def save_final(self, trainer: L.Trainer) -> None:
         """Checkpoint the current step unless it is saved already (collective, every rank)."""
-        if trainer.global_step == 0 or self._last_global_step_saved == trainer.global_step:
-            return
+        if trainer.global_step == 0 or self._should_skip_saving_checkpoint(trainer):
+            return  # also under fast_dev_run, like every checkpoint
         # A fit stopped for preemption has its checkpoint (the one the requeued job resumes
         # from); another of the same step would double the write when time is shortest.
         if any(
@@ -49,7 +49,19 @@ class FinalCheckpoint(ModelCheckpoint):
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        # The last step is saved where the periodic ones are (after its batch): there the
+        # loop's counters are those a resumed run continues exactly from (saved later, at
+        # on_train_end, a run resumed with more steps drifts off the straight curve).
+        if trainer.global_step == trainer.max_steps:
+            self.save_final(trainer)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Runs that end otherwise (an epoch budget, an early stop) are saved here: a rerun of
+        # them trains nothing more, it only exports.
         self.save_final(trainer)
         super().on_train_end(trainer, pl_module)
 
