@@ -24,7 +24,8 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import ConfigError
+from src.config import ConfigError, as_lists
+from src.config.files import check_output_file, write_text
 from src.data.prepare_bench import bench_prepare, extrapolate, print_prepare_table
 from src.evaluation.decode_bench import bench_decode, print_decode_table
 from src.model import build_tokenizer, check_model_source
@@ -40,15 +41,15 @@ USAGE = (
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench_train")
 def train(cfg: DictConfig) -> None:
     try:
+        if cfg.bench.out:
+            check_output_file("bench.out", cfg.bench.out)
         rows = bench_train(cfg)
     except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
     print_train_table(rows)
     if cfg.bench.out:
-        with open(cfg.bench.out, "w") as f:
-            json.dump(
-                {"diffusion": OmegaConf.to_container(cfg.diffusion), "rows": rows}, f, indent=2
-            )
+        report = {"diffusion": OmegaConf.to_container(cfg.diffusion), "rows": rows}
+        write_text(cfg.bench.out, json.dumps(report, indent=2))
         print(f"wrote {cfg.bench.out}")
 
 
@@ -59,14 +60,18 @@ def decode(cfg: DictConfig) -> None:
     except ValueError as err:  # ConfigError included: one line, before any decoding
         raise SystemExit(f"error: {err}") from None
     print_decode_table(report)
-    with open(cfg.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_text(cfg.out, json.dumps(report, indent=2))
     print(f"wrote {cfg.out}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench_data")
 def data(cfg: DictConfig) -> None:
     try:
+        as_lists(
+            cfg,
+            {"bench.tokens": "[1000000]", "bench.num_proc": "[1]", "bench.sources": "[synthetic]"},
+        )
+        check_output_file("bench.out", cfg.bench.out)
         check_model_source(cfg.model)
         rows = bench_prepare(
             build_tokenizer(cfg.model),
@@ -80,8 +85,7 @@ def data(cfg: DictConfig) -> None:
         raise SystemExit(f"config error: {err}") from None
     print_prepare_table(rows)
     print(extrapolate(rows))
-    with open(cfg.bench.out, "w") as f:
-        json.dump({"seq_len": cfg.data.seq_len, "rows": rows}, f, indent=2)
+    write_text(cfg.bench.out, json.dumps({"seq_len": cfg.data.seq_len, "rows": rows}, indent=2))
     print(f"wrote {cfg.bench.out}")
 
 

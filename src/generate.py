@@ -58,11 +58,12 @@ def user_turns(lines: Iterable[str]) -> Iterable[str]:
 def main(cfg: DictConfig) -> None:
     try:
         check_config(cfg)
-    except ValueError as err:  # ConfigError included: one line, before loading the model
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        # A load fault (truncated weights, a bad config.json) is the same line as in src.eval.
+        decoder = load_decoder_from_config(cfg)
+    except ValueError as err:  # ConfigError included: one line, before any decoding
         raise SystemExit(f"error: {err}") from None
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    decoder = load_decoder_from_config(cfg)
     chat = Chat(decoder, system=cfg.system)
     turns = user_turns(sys.stdin) if cfg.chat else [cfg.prompt]
     for user in turns:

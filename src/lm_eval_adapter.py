@@ -25,19 +25,30 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-import src.evaluation.lm_eval  # noqa: F401  (registers `fast_dllm`)
+from src.config import ConfigError
 from src.evaluation.ifeval import use_packaged_punkt
+from src.evaluation.lm_eval import check_model_args  # importing it registers `fast_dllm`
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """lm-eval's command line, with `fast_dllm` registered (and IFEval's NLTK data found
-    offline)."""
-    from lm_eval.__main__ import cli_evaluate
+    """lm-eval's command line (`lm_eval.__main__.cli_evaluate`), with `fast_dllm` registered,
+    its `--model_args` checked before lm-eval loads tasks or the model, a load fault one line
+    (and IFEval's NLTK data found offline)."""
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
 
     use_packaged_punkt()
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    setup_logging()
+    parser = HarnessCLI()
+    args = parser.parse_args()
+    try:
+        if getattr(args, "model", None) == "fast_dllm":
+            check_model_args(getattr(args, "model_args", None) or {})
+        parser.execute(args)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

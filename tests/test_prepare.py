@@ -162,7 +162,7 @@ def test_bad_sources_are_one_line_errors(tok, nemotron, tmp_path, change, match)
     assert "\n" not in str(err.value)
     # Nothing half-written that training would accept.
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".out.tmp-*"))
+    assert not list(tmp_path.glob("out.tmp-*"))
 
 
 def test_budget_below_one_context_is_refused(tok, nemotron, tmp_path):

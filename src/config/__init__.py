@@ -7,7 +7,7 @@ below every other one, so any of them may raise `ConfigError`.
 """
 
 from src.config import resolvers as _resolvers  # noqa: F401  (registers the resolvers)
-from src.config.compose import CONF_DIR, compose, instantiate, run_overrides
+from src.config.compose import CONF_DIR, as_lists, compose, instantiate, run_overrides
 from src.config.errors import ConfigError
 
-__all__ = ["CONF_DIR", "ConfigError", "compose", "instantiate", "run_overrides"]
+__all__ = ["CONF_DIR", "ConfigError", "as_lists", "compose", "instantiate", "run_overrides"]

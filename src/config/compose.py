@@ -3,6 +3,7 @@ points do."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.config.errors import ConfigError
 
@@ -48,3 +49,17 @@ def instantiate(config: Any, **kwargs: Any) -> Any:
         if isinstance(err.__cause__, ConfigError):
             raise err.__cause__ from None
         raise
+
+
+def as_lists(
+    cfg: DictConfig, examples: Mapping[str, str], may_be_empty: tuple[str, ...] = ()
+) -> None:
+    """Make each key of `examples` (a dotted key of `cfg` that takes a list) a list, in
+    `cfg`: a scalar (`batch_sizes=1` on the command line) is the one-element list, and an
+    empty one is a ConfigError with the example, unless the key is in `may_be_empty`."""
+    for key, example in examples.items():
+        value = OmegaConf.select(cfg, key)
+        if not OmegaConf.is_list(value):
+            OmegaConf.update(cfg, key, [value], merge=False)
+        elif not value and key not in may_be_empty:
+            raise ConfigError(f"{key}=[] leaves nothing to measure: pass e.g. {key}={example}")

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.config.compose import CONF_DIR
 from src.config.errors import ConfigError
+from src.config.files import check_writable
 from src.config.resolvers import GPU_ACCELERATORS
 
 _ABSENT = object()
@@ -157,6 +158,29 @@ class LaunchChecks(Callback):
         try:
             checks = [get_method(name) for name in self.job_checks]
             check_launch(config, kwargs["config_name"], checks)
+        except ConfigError as err:
+            raise SystemExit(f"config error: {err}") from None
+
+
+class RunDirCheck(Callback):
+    """Refuses a run (or multirun) directory that cannot be created, before Hydra creates it
+    (its own attempt is a traceback) and before anything loads (conf/hydra/default.yaml)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config: DictConfig, key: str) -> None:
+        # The directories resolve `${hydra:runtime.choices...}`, which needs the Hydra config
+        # set; Hydra sets it only later (and the basic sweeper, never: `src.eval -m` failed).
+        if not HydraConfig.initialized():
+            HydraConfig.instance().set_config(config)
+        path = OmegaConf.select(config, key)
+        try:
+            check_writable({key: path})
         except ConfigError as err:
             raise SystemExit(f"config error: {err}") from None
 

@@ -12,6 +12,11 @@ from src.config import ConfigError
 def read_jsonl(path: str | Path, key: str = "the path") -> list[dict]:
     """Objects of a jsonl file, blank lines skipped. A missing file or a line that is not JSON
     is a one-line ConfigError naming the file (and the config `key` that set it)."""
+    return [row for _, row in read_jsonl_lines(path, key)]
+
+
+def read_jsonl_lines(path: str | Path, key: str = "the path") -> list[tuple[int, dict]]:
+    """`read_jsonl` with each object's line number (for errors that name the line)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file {str(path)!r} not found; set {key}")
@@ -21,7 +26,7 @@ def read_jsonl(path: str | Path, key: str = "the path") -> list[dict]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
                 raise ConfigError(
                     f"{path}:{number} is not valid JSON ({err.msg}); fix or remove the line"

@@ -9,8 +9,9 @@ A prepared directory holds, per split (`train/`, `validation/`), int32 token and
 and per split the shards, contexts and supervised tokens. Chats stream through: rendering runs
 in `num_proc` worker processes a window at a time, packing holds one context, shards are
 written as they fill, so memory does not grow with the corpus. Everything is written into a
-temporary sibling directory that is renamed into place after the manifest: an interrupted
-preparation never leaves a directory that training accepts.
+temporary sibling directory that is renamed into place after the manifest
+(`src.config.files.atomic_folder`): an interrupted preparation never leaves a directory that
+training accepts, and a full disk is one line (checked up front under `max_tokens`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import itertools
 import json
 import logging
 import multiprocessing
-import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from src.config import ConfigError
+from src.config.files import atomic_folder
 from src.data.sft import Packer, check_chat_tokenizer, check_lengths, log_pack_stats, render_sample
 from src.data.sources import iter_chats
 from src.model.tokenizer import mask_token_id_of, tokenizer_fingerprint
@@ -73,9 +73,6 @@ def prepare(
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists: pass overwrite=true, or another out=<dir>")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -88,20 +85,19 @@ def prepare(
         "max_tokens": max_tokens,
         "splits": {},
     }
-    try:
+    # The train split's size is known up front only under a token budget (int32 tokens and
+    # labels); otherwise a full disk is found while writing, and said in one line as well.
+    needed = 2 * TOKEN_DTYPE().itemsize * max_tokens if max_tokens is not None else None
+    # A killed process leaves its temporary sibling, never a half-written `out`; an existing
+    # `out` (overwrite=true) stays until the new one is complete.
+    what = f"the prepared data (max_tokens={max_tokens})" if needed else "the prepared data"
+    with atomic_folder(out, what=what, needed=needed) as tmp:
         for split in SPLITS:
             budget = max_tokens if split == "train" else None
             manifest["splits"][split] = _prepare_split(
                 tokenizer, iter_chats(source, split), tmp / split, manifest, num_proc, budget, split
             )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a killed process leaves it, never `out`
-        raise
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from src.config import ConfigError
+from src.config import ConfigError, as_lists
+from src.config.files import check_output_file
 from src.decoding import (
     Decoder,
     DecodeSettings,
@@ -55,13 +56,26 @@ class DecodeVariant:
                 self.cost.add(result)
 
 
+# Options that take a list of values, one variant each ([] allowed for verified_drafts only),
+# with an example for the error that refuses [].
+LIST_KEYS = {
+    "thresholds": "[0.9]",
+    "sub_block_cache": "[false]",
+    "verified_drafts": "[single]",
+    "batch_sizes": "[1]",
+}
+
+
 def check_options(cfg: DictConfig) -> DecodeSettings:
     """The decode settings of a `bench decode` config, every option checked before anything
-    loads (each threshold must make valid settings)."""
+    loads (each threshold must make valid settings); a scalar where a list is expected is
+    made the one-element list, in `cfg`."""
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError(f"limit={cfg.limit} must be >= 1 (or null for all prompts)")
-    if cfg.threads < 1 or not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+    as_lists(cfg, LIST_KEYS, may_be_empty=("verified_drafts",))
+    if cfg.threads < 1 or min(cfg.batch_sizes) < 1:
         raise ConfigError("batch_sizes (e.g. [1,8]) and threads must be >= 1")
+    check_output_file("out", cfg.out)
     read_settings(cfg.ar_ckpt)
     decode = check_export(cfg.ckpt, cfg.decode, "diffusion")[1]
     for t in cfg.thresholds:

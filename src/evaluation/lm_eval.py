@@ -16,7 +16,8 @@ was used is in lm-eval's results file, under "config" (`get_model_info`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,12 +27,53 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from tqdm.auto import tqdm
 
-from src.decoding import Decoder, DecodeSettings, load_decoder
+from src.config import ConfigError
+from src.decoding import Decoder, DecodeSettings, check_export, load_decoder
 from src.evaluation.benchmarks.reasoning import STEP_BY_STEP
 
 DEFAULT_BATCH_SIZE = 8
 # The released eval script's prompt rewrite: task-name prefix -> the cue it replaces.
 REASONING_CUES = {"gsm8k": "Answer:", "minerva_math": "Solution:"}
+
+
+# The model arguments of `FastDLLM` besides the decode settings. `trust_remote_code`: lm-eval
+# adds it for its --trust_remote_code flag; no remote code runs here (src.model.released).
+ADAPTER_KEYS = (
+    "pretrained",
+    "decoder",
+    "device",
+    "dtype",
+    "batch_size",
+    "max_batch_size",
+    "seed",
+    "stop_strings",
+    "reasoning_cue",
+    "trust_remote_code",
+)
+
+
+def check_model_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The decode config of `--model_args` (conf/decode/default.yaml with the ones given),
+    every key and value checked by the rules `src.eval` checks its config with
+    (`check_export`): an unknown key or a bad value is one ConfigError line, before the
+    model loads."""
+    decode = DecodeSettings.defaults()
+    if unknown := sorted(set(args) - set(ADAPTER_KEYS) - set(decode)):
+        close = difflib.get_close_matches(unknown[0], [*ADAPTER_KEYS, *decode], n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(
+            f"--model_args {unknown[0]}={args[unknown[0]]}: no such model argument; {hint}"
+            f"fast_dllm takes {', '.join(ADAPTER_KEYS[:-1])} and the decode settings "
+            f"({', '.join(decode)})"
+        )
+    if "pretrained" not in args:
+        raise ConfigError("--model_args needs pretrained=<export dir>, e.g. artifacts/tiny")
+    for key in ("stop_strings", "reasoning_cue"):
+        if not isinstance(args.get(key, False), bool):
+            raise ConfigError(f"--model_args {key}={args[key]!r} must be true or false")
+    decode |= {k: v for k, v in args.items() if k in decode}
+    check_export(args["pretrained"], decode, args.get("decoder", "diffusion"))
+    return decode
 
 
 class FastDLLM(TemplateLM):
@@ -52,14 +94,19 @@ class FastDLLM(TemplateLM):
         **options: Any,
     ) -> None:
         super().__init__()
-        for key, value in (("stop_strings", stop_strings), ("reasoning_cue", reasoning_cue)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{key}={value!r} must be true or false")
+        options.pop("trust_remote_code", None)  # see ADAPTER_KEYS
+        decode = check_model_args(
+            {
+                "pretrained": pretrained,
+                "decoder": decoder,
+                "stop_strings": stop_strings,
+                "reasoning_cue": reasoning_cue,
+                **options,
+            }
+        )
         self.stop_strings, self.reasoning_cue = stop_strings, reasoning_cue
         # A budget given here holds for every task, as the released script's max_new_tokens.
         self.fixed_budget = "max_new_tokens" in options
-        decode = DecodeSettings.defaults()
-        decode |= {k: v for k, v in options.items() if k in decode}  # the rest: lm-eval's own
         self.batch_size = _batch_size(batch_size)
         # lm-eval's --device defaults to cuda, also on machines without one.
         if not device or (device.startswith("cuda") and not torch.cuda.is_available()):

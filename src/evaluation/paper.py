@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
+from src.config.files import write_text
 from src.decoding import check_decoder_name, check_export
 from src.evaluation.benchmarks import get
 from src.evaluation.protocol import benchmark_decode
@@ -64,6 +65,7 @@ def eval_config(cfg: DictConfig, name: str, decoder: str) -> DictConfig:
             "decode": benchmark_decode(cfg.decode, benchmark, overrides(cfg)),
             "limit": cfg.limit,
             "batch_size": cfg.batch_size,
+            "max_scorer_error_share": cfg.max_scorer_error_share,
             "logger": {},
             **{key: cfg[key] for key in EXPORT_KEYS},
         }
@@ -142,7 +144,7 @@ def start(cfg: DictConfig, out: Path) -> None:
             )
     elif _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**wanted, "git_commit": git_commit()}, indent=2))
+        write_text(path, json.dumps({**wanted, "git_commit": git_commit()}, indent=2))
 
 
 def _rank() -> int:
@@ -197,7 +199,8 @@ def run_lm_eval(cfg: DictConfig, out: Path) -> None:
                 _failed(folder, error)
                 continue
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "lm_eval.json").write_text(json.dumps(result, indent=2, default=str))
+            # Whole or not at all: a cell with this file counts as done when the run resumes.
+            write_text(folder / "lm_eval.json", json.dumps(result, indent=2, default=str))
 
 
 def lm_eval_row(cfg: DictConfig, row: DictConfig, decoder: str, tasks: Any) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from src.config.files import atomic_file, write_text
+
 COLUMNS = [
     ("run", "run"),
     ("decoder", "decoder"),
@@ -54,8 +56,17 @@ def read_runs(root: str | Path) -> list[dict[str, Any]]:
         raise ValueError(f"{root} is not a directory: pass a multirun or sweep directory")
     rows = []
     for path in sorted(root.rglob("metrics.json")):
-        with open(path) as f:
-            rows.append(row(str(path.parent.relative_to(root)) or ".", json.load(f)))
+        try:
+            metrics = json.loads(path.read_text())
+            rows.append(row(str(path.parent.relative_to(root)) or ".", metrics))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err.msg}): rerun its src.eval") from None
+        except (KeyError, TypeError) as err:  # not src.eval's, or written by an older one
+            missing = f"the key {err.args[0]!r}" if isinstance(err, KeyError) else "its fields"
+            raise ValueError(
+                f"{path} lacks {missing}: not a metrics.json of src.eval; remove it, or rerun "
+                "its evaluation"
+            ) from None
     if not rows:
         raise ValueError(f"no metrics.json under {root}: run `python -m src.eval -m ...` there")
     return rows
@@ -165,6 +176,8 @@ def report(rows: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     front = mark_pareto(rows)
     table, figure = out / "report.md", out / "pareto.png"
-    table.write_text(markdown(rows))
-    plot(rows, front, figure)
+    # Each whole or not at all: a failed rerun keeps the previous report readable.
+    write_text(table, markdown(rows))
+    with atomic_file(figure) as tmp:
+        plot(rows, front, tmp)
     return table, figure

@@ -17,6 +17,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError, instantiate
+from src.config.files import write_text
 from src.decoding import check_export, load_decoder_from_config
 from src.evaluation.benchmarks import get
 from src.evaluation.protocol import protocol_record
@@ -34,6 +35,9 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
         raise ConfigError(f"limit={cfg.limit} must be >= 1 (or null for all problems)")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
+    share = cfg.max_scorer_error_share
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise ConfigError(f"max_scorer_error_share={share!r} must be a number in [0, 1]")
     check_export(cfg.ckpt, cfg.decode, cfg.decoder)
     options = {k: v for k, v in OmegaConf.to_container(cfg.benchmark).items() if k != "_target_"}
     benchmark = get(**options)
@@ -78,7 +82,21 @@ def evaluate_export(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
     if rank == 0:
         write_run_files(output_dir, metrics, evaluation)
         log_to(loggers, cfg, metrics, evaluation)
+    check_scorer_errors(metrics, share)
     return metrics
+
+
+def check_scorer_errors(metrics: dict[str, Any], max_share: float) -> None:
+    """ValueError when the scorer failed on more than `max_share` of the responses: those
+    count as wrong, so the score would measure the scorer (or the data), not the model. The
+    run's files are written first; the exit status says the number is no result."""
+    errors, scored = metrics["score_errors"], metrics["num_scored"]
+    if scored and errors / scored > max_share:
+        raise ValueError(
+            f"the scorer failed on {errors} of {scored} responses (more than "
+            f"max_scorer_error_share={max_share}): {metrics['metric']} "
+            f"{metrics[metrics['metric']]:.4f} is no result; see the warnings above"
+        )
 
 
 def join_process_group() -> int:
@@ -96,12 +114,14 @@ def join_process_group() -> int:
 
 
 def write_run_files(output_dir: str, metrics: dict[str, Any], evaluation: Evaluation) -> None:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    with open(os.path.join(output_dir, "samples.jsonl"), "w") as f:
-        for sample in evaluation.samples:
-            f.write(json.dumps(sample) + "\n")
+    """samples.jsonl, then metrics.json, each whole or not at all (`src.config.files`): a
+    metrics.json is only ever beside the samples it scored, and a rerun that fails keeps the
+    previous pair."""
+    write_text(
+        os.path.join(output_dir, "samples.jsonl"),
+        "".join(json.dumps(sample) + "\n" for sample in evaluation.samples),
+    )
+    write_text(os.path.join(output_dir, "metrics.json"), json.dumps(metrics, indent=2))
 
 
 def log_to(loggers: list, cfg: DictConfig, metrics: dict[str, Any], evaluation: Evaluation) -> None:

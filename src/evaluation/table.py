@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from src.config.files import write_text
+
 MANIFEST = "paper.json"
 # Table 1's rows, in the paper's order: the row key (a benchmark's name) and its title.
 ROWS = (
@@ -231,6 +233,7 @@ def write_table(run: str | Path, out: str | Path | None = None) -> tuple[Path, P
     table = read_table(run)
     out = Path(out or run)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table1.json").write_text(json.dumps(table, indent=2))
-    (out / "table1.md").write_text(markdown(table))
+    # Each whole or not at all: a failed rerun keeps the previous table readable.
+    write_text(out / "table1.json", json.dumps(table, indent=2))
+    write_text(out / "table1.md", markdown(table))
     return out / "table1.md", out / "table1.json"

@@ -21,9 +21,20 @@ from transformers import (
 )
 
 from src.config import ConfigError
-from src.model.released import checkpoint_folder, imported_settings, model_config
+from src.config.files import atomic_folder
+from src.model.released import (
+    check_tokenizer_files,
+    checkpoint_folder,
+    imported_settings,
+    model_config,
+)
 
 SETTINGS_FILE = "diffusion.json"
+# What makes an export again, for the errors about a broken one.
+REEXPORT = (
+    "re-export it: rerun the training run that wrote it (same hydra.run.dir: it resumes at its "
+    "last step and only exports), or python -m src.zero_to_hf <checkpoint> <export dir>"
+)
 
 
 @dataclass
@@ -39,11 +50,28 @@ def save_export(
     settings: dict[str, Any],
     path: str,
 ) -> None:
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    with open(os.path.join(path, SETTINGS_FILE), "w") as f:
-        json.dump(settings, f, indent=2, sort_keys=True)
+    """Write the export folder whole or not at all (`src.config.files.atomic_folder`): an
+    export already at `path` stays loadable until the new one replaces it, and a write that
+    fails (a full disk: one line with the bytes needed) leaves it as it was."""
+    if os.path.isdir(path) and os.listdir(path) and not _is_export(path):
+        raise ConfigError(
+            f"{path} holds files that are not an export (no {SETTINGS_FILE} or config.json), "
+            "which writing the export would replace: choose an empty or new folder"
+        )
+    with atomic_folder(path, what="the export", needed=weight_bytes(model)) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True))
+
+
+def _is_export(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in (SETTINGS_FILE, "config.json"))
+
+
+def weight_bytes(model: PreTrainedModel) -> int:
+    """Bytes of the model's weights as `save_pretrained` writes them (tied ones once)."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values() if t.device.type != "meta"}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 # What decoding reads from diffusion.json; an export without them cannot be decoded.
@@ -112,6 +140,7 @@ def load_export(
     tokenizer, settings. `dtype` "auto" is bfloat16 on CUDA, float32 on CPU."""
     path = checkpoint_folder(path)
     settings = read_settings(path)
+    check_tokenizer_files(path, REEXPORT)
     device = resolve_device(device)
     try:
         # A released checkpoint loads into the stock class its model_config names; remote
@@ -126,9 +155,7 @@ def load_export(
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as err:  # a truncated or foreign weights file, a missing tokenizer, ...
-        raise ConfigError(
-            f"cannot load the export {path} ({describe(err)}): re-export it"
-        ) from None
+        raise ConfigError(f"cannot load the export {path} ({describe(err)}): {REEXPORT}") from None
     return Export(model.eval(), tokenizer, settings)
 
 

@@ -40,6 +40,19 @@ RELEASED_MODEL_TYPES = {"Fast_dLLM_Qwen": "qwen2"}
 # method's own fields (`conplemenrary_mask` is the release's spelling).
 RELEASED_KEYS = ("architectures", "model_type", "auto_map", "bd_size", "conplemenrary_mask")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# A folder a tokenizer loads from holds one of these (fast, SentencePiece, BPE, WordPiece).
+# Without any, transformers may build a tokenizer of one token from the rest, which fails
+# much later with a message about prompt ids.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def check_tokenizer_files(folder: str, fix: str) -> None:
+    """ConfigError naming `folder` and `fix` (what makes the files) unless a tokenizer's
+    vocabulary file is there; checked before any model loads."""
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): {fix}"
+        )
 
 
 def checkpoint_folder(ckpt: str) -> str:
@@ -106,6 +119,7 @@ def imported_settings(folder: str) -> dict[str, Any] | None:
         )
     if not released and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return None
+    check_tokenizer_files(folder, "download the checkpoint's tokenizer files again")
     try:
         # trust_remote_code=False: AutoTokenizer reads the model config first, and a released
         # one would otherwise ask (on stdin) to run its configuration.py.

@@ -9,12 +9,12 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
+from src.config.files import check_writable
 from src.config.resolvers import GPU_ACCELERATORS
 from src.data.sft import check_lengths
 from src.decoding import DecodeSettings
 from src.diffusion import check_diffusion
 from src.model import build_tokenizer, check_model_source, tokenizer_fingerprint
-from src.training.guards import check_writable
 
 
 def is_deepspeed(strategy: DictConfig | str | None) -> bool:
@@ -44,6 +44,7 @@ def check_strategy(trainer: DictConfig) -> None:
 NUMBERS = {
     "seed": (int, None),
     "trainer.max_steps": (int, -1),
+    "trainer.max_epochs": ((int, type(None)), -1),
     "trainer.devices": (int, 1),
     "trainer.num_nodes": (int, 1),
     "trainer.accumulate_grad_batches": (int, 1),
@@ -72,6 +73,14 @@ def check_types(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} must be >= {least}")
     if cfg.trainer.max_steps == 0:
         raise ConfigError("trainer.max_steps=0 trains nothing: pass a positive number of steps")
+    epochs = cfg.trainer.get("max_epochs")
+    # Lightning reads -1 as "no step limit": without an epoch budget training (and the LR
+    # schedule, which spans the run) would never end.
+    if cfg.trainer.max_steps == -1 and (epochs is None or epochs == -1):
+        raise ConfigError(
+            f"trainer.max_steps=-1 without an epoch budget (trainer.max_epochs={epochs}) never "
+            "stops: pass a positive trainer.max_steps, or trainer.max_epochs=<N>"
+        )
 
 
 def check_val_check_interval(trainer: DictConfig) -> None:

@@ -1,6 +1,6 @@
 """What keeps a training run's work safe: a loss that stops being finite ends the run (and its
-checkpoints from then on are removed), output folders are checked before anything loads, and
-a run directory has one run at a time."""
+checkpoints from then on are removed), and a run directory has one run at a time. (Output
+folders are checked before anything loads: `src.config.files.check_writable`.)"""
 
 from __future__ import annotations
 
@@ -120,20 +120,6 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
-
-
-def check_writable(paths: Mapping[str, str]) -> None:
-    """ConfigError unless each output folder (config key -> path) is a folder this process can
-    create or write: found now, not when the run ends and its results are written."""
-    for key, path in paths.items():
-        target = Path(path)
-        existing = next(p for p in (target, *target.parents) if p.exists())
-        if not existing.is_dir():
-            raise ConfigError(
-                f"{key}={path}: {existing} is a file, not a folder; choose another {key}"
-            )
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"{key}={path}: {existing} is not writable; choose another {key}")
 
 
 def is_first_process() -> bool:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
-from src.data.jsonl import read_jsonl
+from src.config import ConfigError
+from src.data.jsonl import read_jsonl_lines
 
 # The decode settings a benchmark's protocol fixes (SPEC 4.1: its budget and threshold); the
 # rest of the decode config is the decoder's.
@@ -25,6 +26,9 @@ class Benchmark:
     name: str = ""
     # The user turn's template where the config sets one (GSM8K, MATH), for metrics.json.
     prompt: str | None = None
+    # The fields a record needs to be prompted and scored, with their types; `check_record`
+    # checks them on every record when the benchmark loads, before any model does.
+    required_fields: ClassVar[dict[str, type | tuple[type, ...]]] = {}
 
     def __init__(
         self,
@@ -47,11 +51,41 @@ class Benchmark:
             )
 
     def load(self, limit: int | None = None) -> list[dict]:
-        """Problems in dataset order; ``limit`` (else the configured one) keeps the first few."""
+        """Problems in dataset order; ``limit`` (else the configured one) keeps the first few.
+
+        Every record is checked (``check_record``), not only those kept: a bad file is one
+        ``ConfigError`` line naming the file, the line and the field, before anything decodes
+        (a record the scorer cannot read would otherwise score 0 and look like a result)."""
         _check_limit(limit)
         limit = limit if limit is not None else self.limit
         rows = self._rows()
+        source = self._file or self.hub_name or f"the built-in {self.name} data"
+        if not rows:
+            raise ConfigError(f"{self.name}: {source} holds no problems: check benchmark.path")
+        numbers = self._line_numbers or range(1, len(rows) + 1)
+        for number, row in zip(numbers, rows, strict=True):
+            try:
+                if not isinstance(row, dict):
+                    raise ValueError(f"a {type(row).__name__}, not an object")
+                self.check_record(row)
+            except ValueError as err:
+                where = "line" if self._line_numbers else "record"
+                raise ConfigError(
+                    f"{self.name}: {source} {where} {number}: {err}; fix the data (benchmark.path)"
+                ) from None
         return rows[:limit] if limit is not None else rows
+
+    def check_record(self, record: dict) -> None:
+        """ValueError naming the field unless each of ``required_fields`` is present with
+        its type; benchmarks with more rules extend it."""
+        for field, types in self.required_fields.items():
+            if field not in record:
+                raise ValueError(f"{field}: missing")
+            if not isinstance(record[field], types):
+                names = " or ".join(
+                    t.__name__ for t in (types if isinstance(types, tuple) else (types,))
+                )
+                raise ValueError(f"{field}: {type(record[field]).__name__}, not {names}")
 
     def check(self) -> None:
         """Raise ``ConfigError`` (one line) when this benchmark cannot score here; called at the
@@ -76,12 +110,21 @@ class Benchmark:
         check_pairs(problems, responses)
         return [self.score(p, r) for p, r in zip(problems, responses, strict=True)]
 
+    # The jsonl `_rows` read and each row's line number (None: rows of no file), for errors.
+    _file: str | None = None
+    _line_numbers: list[int] | None = None
+
     def _rows(self) -> list[dict]:
         if self.path is not None:
-            return read_jsonl(self.path, key="benchmark.path")
+            return self._jsonl_rows(self.path)
         if self.hub_name is not None:
             return self._hub_rows()
         return self._builtin_rows()
+
+    def _jsonl_rows(self, path: str) -> list[dict]:
+        numbered = read_jsonl_lines(path, key="benchmark.path")
+        self._file, self._line_numbers = str(path), [number for number, _ in numbered]
+        return [row for _, row in numbered]
 
     def _hub_rows(self) -> list[dict]:
         import datasets

