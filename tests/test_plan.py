@@ -162,6 +162,7 @@ def test_train_bench_times_the_recipe_with_its_extra_forwards(artifacts, tmp_pat
             f"paths.artifacts_dir={artifacts}",
             f"paths.output_dir={tmp_path}",
             "diffusion.ar_weight=0.5",
+            "diffusion.context=block_causal",  # the AR term's own forward (3L + L)
             "bench.steps=1",
         ],
     )

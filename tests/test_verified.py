@@ -198,11 +198,11 @@ def test_one_host_sync_per_forward():
         assert sum(counts.values()) <= result.forwards + 2, (name, dict(counts))
 
 
-# Trained tiny exports (a few steps from the tiny AR model): the embedded default's recipe with
-# the one-cache variant, and the paper's recipe (no AR term, two caches).
+# Trained tiny exports (a few steps from the tiny AR model): the embedded default's recipe (the
+# AR term, the one-cache variant), and the paper's recipe (no AR term, two caches).
 TRAINED = {
     "one_cache": ["diffusion.context=causal"],
-    "paper": ["diffusion.ar_weight=0"],
+    "paper": ["diffusion.ar_weight=0", "diffusion.context=block_causal"],
 }
 
 
@@ -270,7 +270,7 @@ def test_load_decoder_and_resume_take_the_context(trained, artifacts):
     # The run directory was trained with context=causal: resuming it with the paper's is refused.
     refused = subprocess.run(
         [sys.executable, "-m", "src.train", f"hydra.run.dir={one_cache}", *SMALL,
-         "experiment=tiny", f"paths.artifacts_dir={artifacts}",
+         "experiment=tiny", "diffusion.context=block_causal", f"paths.artifacts_dir={artifacts}",
          f"paths.export_dir={one_cache}/export", "trainer.max_steps=6"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
