@@ -7,7 +7,7 @@ block-causal clean stream, on the embedded default (`experiment=tiny`, the AR te
         # the whole pipeline on 20 training steps and 8 problems, written under /tmp/...
 
 Every run is `python -m src.train experiment=context/<name> seed=<k>`
-(conf/experiment/context/: `block_causal`, `causal`), 900 steps from the same AR-init
+(conf/experiment/context/: `block_causal`, `causal`), 300 steps from the same AR-init
 (`artifacts/tiny_ar`), into `runs/<name>/seed<k>/` (git-ignored). Measured per run and seed on
 all 200 test problems, batch 1, one thread, in one process with every variant interleaved
 (`src.bench decode` against the AR-init `artifacts/tiny_ar`): exact match, tokens per
