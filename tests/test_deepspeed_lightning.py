@@ -14,6 +14,9 @@ also gives the checkpoint folders, their retention and `last.ckpt`, and the HF e
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,9 @@ import torch
 from safetensors.torch import load_file
 
 from src.model import read_settings
-from tests.conftest import logged, run_train
+from tests.conftest import ROOT, SMALL, logged, run_train
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
 
 STEPS, ACCUMULATE, EVERY = 6, 4, 2
 # DDP and DeepSpeed reduce gradients in different orders (fp32): the curves agree to ~2e-5 here.
@@ -166,3 +171,49 @@ def test_decode_eval_with_uneven_shards_inside_the_zero3_run(zero3):
     assert not logged(run_dir, "decode_eval/synthetic/failed")
     # Training went on after each evaluation (step 2's, 4's): the steps after them are logged.
     assert {3, 5} <= set(logged(run_dir, "train/loss"))
+
+
+@pytest.mark.slow
+def test_a_diverged_zero2_run_skips_its_bad_steps_and_checkpoints_the_last_good_one(
+    artifacts, tmp_path
+):
+    # Step 0 is finite, 1 and 2 are not (one tolerated, then the stop): DeepSpeed's own overflow
+    # check skips their updates; the guard checkpoints the state after step 0.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "src.train",
+            f"hydra.run.dir={tmp_path}",
+            *SMALL,
+            *common(artifacts, tmp_path)[:-1],  # all but the checkpoint interval
+            "callbacks.model_checkpoint.every_n_train_steps=5",
+            "strategy=deepspeed_zero2",
+            "optim.lr=1e6",
+            "optim.warmup_steps=0",
+            "callbacks.finite_loss.tolerated_steps=1",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode != 0
+    said = result.stderr.strip().splitlines()[-1]
+    ckpt = tmp_path / "checkpoints" / "step000003.ckpt"
+    assert said.startswith(
+        "error: training diverged: the loss or its gradients were not finite from step 1 to 2"
+    ), said
+    assert f"resume from {ckpt} (the last good step)" in said
+    assert (tmp_path / "checkpoints" / "last.ckpt").resolve() == ckpt
+    assert not (tmp_path / "export").exists()
+    state = torch.load(
+        ckpt / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
+    assert (state["global_step"], state["global_steps"], state["skipped_steps"]) == (3, 3, 2)
+    initial = load_file(artifacts / "tiny_ar" / "model.safetensors")
+    weights = {k.removeprefix("model."): v for k, v in state["module"].items()}
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    changed = [k for k, v in initial.items() if not torch.equal(weights[k], v.to(weights[k]))]
+    assert changed  # step 0's update is in it

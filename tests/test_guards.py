@@ -20,7 +20,7 @@ from src.config import ConfigError
 from src.decoding import check_export, generate, generate_ar
 from src.model import load_export, read_settings
 from src.training.guards import LOCK_FILE, RunDirLock
-from tests.conftest import ROOT, SMALL, logged, tiny_model
+from tests.conftest import ROOT, SMALL, tiny_model
 from tests.fixtures.exports import DECODE, make_export
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
@@ -55,23 +55,57 @@ def train(run_dir: Path, artifacts: Path, *overrides: str) -> subprocess.Complet
     )
 
 
-def checkpoint_weights_finite(path: Path) -> bool:
+def checkpoint_state(path: Path) -> tuple[dict, dict]:
+    """A checkpoint's weights and optimizer state (moments and step counts)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    return all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    return state["state_dict"], state["optimizer_states"][0]["state"]
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, dict):
+            assert_same(value, b[key])
+        else:
+            assert torch.equal(value, b[key]), key
+
+
+# No periodic checkpoint before the stop (every 5 steps), so the stop writes its own.
+DIVERGING = (
+    "optim.lr=1e6",
+    "optim.warmup_steps=0",
+    "trainer.max_steps=8",
+    "callbacks.model_checkpoint.every_n_train_steps=5",
+)
 
 
 @pytest.mark.slow
-def test_a_diverged_run_stops_exports_nothing_and_keeps_good_checkpoints(artifacts, tmp_path):
-    result = train(
-        tmp_path, artifacts, "optim.lr=1e6", "optim.warmup_steps=0", "trainer.max_steps=8"
-    )
+def test_a_diverged_run_checkpoints_its_last_good_step_and_exports_nothing(artifacts, tmp_path):
+    run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    result = train(run_dir, artifacts, *DIVERGING, "callbacks.finite_loss.tolerated_steps=1")
     assert result.returncode != 0
-    assert last_line(result).startswith("error: training diverged: the loss was not finite")
-    assert not (tmp_path / "export").exists()
-    losses = logged(tmp_path, "train/loss")
-    assert max(losses) < 7  # stopped within one step of the first non-finite loss
-    for ckpt in (tmp_path / "checkpoints").glob("*.ckpt"):
-        assert checkpoint_weights_finite(ckpt), ckpt
+    said = last_line(result)
+    # Step 0 is finite; 1 and 2 (the one tolerated, then the stop) are not: skipped.
+    assert said.startswith(
+        "error: training diverged: the loss or its gradients were not finite from step 1 to 2"
+    ), said
+    assert f"resume from {ckpts / 'step000003.ckpt'} (the last good step)" in said
+    assert not (run_dir / "export").exists()
+    assert (ckpts / "last.ckpt").resolve().name == "step000003.ckpt"
+    # The state stopped in is that after step 0: the same weights and optimizer moments as a
+    # run of that one step, nothing of the non-finite steps applied.
+    reference = tmp_path / "reference"
+    assert train(reference, artifacts, *DIVERGING, "trainer.max_steps=1").returncode == 0
+    stopped = checkpoint_state(ckpts / "last.ckpt")
+    assert_same(stopped[0], checkpoint_state(reference / "checkpoints" / "step000001.ckpt")[0])
+    assert_same(stopped[1], checkpoint_state(reference / "checkpoints" / "step000001.ckpt")[1])
+    # A resume that fails again trains nothing new, so it writes (and rotates out) nothing.
+    before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
+    result = train(run_dir, artifacts, *DIVERGING)
+    assert result.returncode != 0
+    assert "from step 3 to 3" in last_line(result), last_line(result)
+    assert f"resume from {ckpts / 'step000003.ckpt'}" in last_line(result)
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == before
 
 
 @pytest.mark.slow

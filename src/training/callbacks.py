@@ -30,9 +30,24 @@ class FinalCheckpoint(ModelCheckpoint):
     steps, and a rerun would train them again. Here the end of training is saved like a
     periodic checkpoint (kept by `save_top_k`, `last.ckpt` linking to it) before the export
     (`HFExport` calls `save_final` first), so a rerun resumes at the final step, trains
-    nothing and only writes the export. A run the finite-loss guard stops ends in an
-    exception, not here: its last good checkpoint stays the newest (`src.training.guards`).
+    nothing and only writes the export. The finite-loss guard saves a run it stops the same
+    way (`src.training.guards.FiniteLoss`).
     """
+
+    _start_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start_step = trainer.global_step  # resumed from a checkpoint of this step
+
+    def newest_step(self) -> int:
+        """The step of the newest checkpoint: saved by this run or resumed from (0: none)."""
+        return max(self._start_step, self._last_global_step_saved)
+
+    def newest_path(self) -> str | None:
+        """The checkpoint `last.ckpt` is (links to), if there is one."""
+        last = os.path.join(self.dirpath or "", self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        return os.path.realpath(last) if os.path.exists(last) else None
 
     def save_final(self, trainer: L.Trainer) -> None:
         """Checkpoint the current step unless it is saved already (collective, every rank)."""

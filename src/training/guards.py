@@ -9,17 +9,16 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import socket
-from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from src.config import ConfigError
 from src.config.launch import slurm_job_id
+from src.training.callbacks import FinalCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +30,19 @@ class TrainingDiverged(RuntimeError):
 
 
 class FiniteLoss(L.Callback):
-    """Stop the run when the training loss has not been finite for more than
-    `tolerated_steps` optimizer steps in a row (ranks agree: any rank's non-finite loss counts).
+    """Skip the update of an optimizer step whose loss or gradients are not finite on any rank,
+    and stop the run after more than `tolerated_steps` such steps in a row.
 
-    The run then raises `TrainingDiverged`: no HF export is written (that happens only at the
-    end of a completed fit), and checkpoints saved since the first non-finite step are deleted,
-    `last.ckpt` linking to the newest one left, so a resume starts from the last good weights.
+    No update computed from a non-finite loss is ever applied, so the state the run stops in
+    is that of its last good step (the weights after the last finite update, optimizer
+    moments included). The stop writes that state as a checkpoint, `last.ckpt` linking to it
+    (unless no update since the newest checkpoint: a resume that fails again writes nothing and
+    so never rotates out an older one), then raises `TrainingDiverged`; no HF export is
+    written. The skip is exact: here the gradients are dropped before the optimizer step
+    (torch optimizers leave parameters without gradients untouched), under DeepSpeed its own
+    overflow check skips the step, and a DeepSpeed config that turns that check off is caught
+    at the first non-finite step. The skipped steps still count (data, LR schedule), so a
+    resumed run continues after the batches that failed.
     """
 
     def __init__(self, tolerated_steps: int = 0) -> None:
@@ -47,79 +53,91 @@ class FiniteLoss(L.Callback):
         self.tolerated_steps = tolerated_steps
         self.first_bad_step: int | None = None
         self.bad_steps = 0
-        self.weights_step = 0
-        self._step_finite = True  # every micro-batch loss of the current step so far
+        self.applied_step = 0  # the global step after the last update applied
+        self._finite: torch.Tensor | None = None  # every micro-batch loss of the step so far
+        self._step_good: bool | None = None  # decided before the step's update, else None
 
-    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        # The weights this batch's loss comes from are the checkpoint of this step.
-        self.weights_step = trainer.global_step
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.applied_step = trainer.global_step  # a resumed state is checkpointed already
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, *args: object
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
-        self._step_finite &= loss is not None and bool(torch.isfinite(loss.detach()).all())
-        # Judged per optimizer step: at the batch that made it (the end of an accumulation
-        # window), when every rank is at the same boundary.
-        if trainer.global_step == self.weights_step:
+        finite = torch.isfinite(loss.detach()).all()  # no host sync per micro-batch
+        self._finite = finite if self._finite is None else self._finite & finite
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.fit_loop._should_accumulate():
+            return  # DeepSpeed accumulates itself: Lightning calls this every micro-batch
+        finite = torch.ones((), dtype=torch.bool) if self._finite is None else self._finite.cpu()
+        self._finite = None
+        # A finite loss can still give non-finite gradients. Under DeepSpeed they live in its
+        # partitions (it checks them itself); a loss scaler's overflows are its own to skip.
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            if grads:
+                finite &= torch.stack([torch.isfinite(g).all() for g in grads]).all().cpu()
+        self._step_good = trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
+        if not self._step_good and not _is_deepspeed(trainer):
+            optimizer.zero_grad(set_to_none=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        # Acts at the batch that ended an optimizer step (the end of an accumulation window),
+        # where every rank is at the same boundary and a checkpoint resumes exactly.
+        good, self._step_good = self._step_good, None
+        if good is None:
             return
-        finite, self._step_finite = self._step_finite, True
-        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+        step = trainer.global_step - 1  # the step just taken
+        if _is_deepspeed(trainer):
+            applied = trainer.strategy.deepspeed_engine.was_step_applied()
+            if not good and applied:
+                raise TrainingDiverged(
+                    f"training diverged: the loss was not finite at step {step} and DeepSpeed "
+                    "applied its update (its config turns off the gradient overflow check: "
+                    "bf16.check_grad_overflow or zero_optimization.compute_grad_norm); no "
+                    "export written, resume from a checkpoint before it: lower optim.lr (or "
+                    "raise trainer.gradient_clip_val)"
+                )
+            good = applied  # DeepSpeed skipped the update for its non-finite gradients
+        if good:
             self.first_bad_step, self.bad_steps = None, 0
+            self.applied_step = trainer.global_step
             return
         if self.first_bad_step is None:
-            # A step's update can break the weights while its own loss was still finite: the
-            # weights behind the first non-finite loss (and any saved since) are not good.
-            self.first_bad_step = self.weights_step
+            self.first_bad_step = step
         self.bad_steps += 1
         if self.bad_steps <= self.tolerated_steps:
             log.warning(
-                "non-finite loss at step %d (%d tolerated)",
-                trainer.global_step,
+                "non-finite loss or gradients at step %d, its update skipped (%d of %d tolerated)",
+                step,
+                self.bad_steps,
                 self.tolerated_steps,
             )
             return
-        kept = (
-            _drop_checkpoints_since(trainer, self.first_bad_step)
-            if trainer.is_global_zero
-            else None
-        )
+        kept = self._checkpoint(trainer)
         raise TrainingDiverged(
-            f"training diverged: the loss was not finite from step {self.first_bad_step} to "
-            f"{trainer.global_step} (callbacks.finite_loss.tolerated_steps={self.tolerated_steps}); "
-            f"no export written; {f'resume from {kept}' if kept else 'no checkpoint before it'}: "
-            "lower optim.lr (or raise trainer.gradient_clip_val)"
+            f"training diverged: the loss or its gradients were not finite from step "
+            f"{self.first_bad_step} to {step} (callbacks.finite_loss.tolerated_steps="
+            f"{self.tolerated_steps}), their updates skipped; no export written; "
+            f"{f'resume from {kept} (the last good step)' if kept else 'no checkpoint before it'}"
+            ": lower optim.lr (or raise trainer.gradient_clip_val)"
         )
 
-
-def _drop_checkpoints_since(trainer: L.Trainer, step: int) -> str | None:
-    """Delete the periodic checkpoints saved at or after `step` and point `last.ckpt` at the
-    newest one left; returns it (None when none is left)."""
-    kept = None
-    for callback in trainer.checkpoint_callbacks:
-        if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
-            continue
-        for path, score in list(callback.best_k_models.items()):
-            if int(score) >= step:
-                _remove(path)
-                del callback.best_k_models[path]
-                log.warning("deleted %s: saved after the loss stopped being finite", path)
-        if callback.best_k_models:
-            kept = max(callback.best_k_models, key=lambda p: int(callback.best_k_models[p]))
-        last = os.path.join(callback.dirpath, "last.ckpt")
-        if os.path.islink(last) or os.path.exists(last):
-            _remove(last)
-            if kept:
-                os.symlink(os.path.relpath(kept, callback.dirpath), last)
-    return kept
+    def _checkpoint(self, trainer: L.Trainer) -> str | None:
+        """Checkpoint the stopped state (collective) unless its weights are in a checkpoint
+        already; returns the newest checkpoint (None when there is none)."""
+        savers = [c for c in trainer.checkpoint_callbacks if isinstance(c, FinalCheckpoint)]
+        if self.applied_step > max([c.newest_step() for c in savers], default=0):
+            for saver in savers:
+                saver.save_final(trainer)
+        paths = [c.newest_path() for c in savers]
+        return next((p for p in paths if p), None)
 
 
-def _remove(path: str) -> None:
-    """A checkpoint: a file, a link, or (DeepSpeed) a folder."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
+def _is_deepspeed(trainer: L.Trainer) -> bool:
+    return isinstance(trainer.strategy, DeepSpeedStrategy)
 
 
 def is_first_process() -> bool:
