@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from src.config import ConfigError
+from src.config.files import atomic_folder, write_text
 from src.decoding import check_export, generate, generate_ar
 from src.model import load_export, read_settings
 from src.training.guards import LOCK_FILE, RunDirLock
@@ -427,3 +429,32 @@ def test_a_failed_eval_write_keeps_the_previous_run_files(bad_files, tmp_path):
     # The previous run's pair is whole and unchanged; no temporary file is left.
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_what_a_killed_write_leaves_is_cleared_by_the_next_one(tmp_path):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    writer = (
+        "import sys, time\nfrom src.config.files import atomic_folder\n"
+        "with atomic_folder(sys.argv[1]) as tmp:\n"
+        "    (tmp / 'weights').write_text('new, half written')\n"
+        "    print('writing', flush=True)\n    time.sleep(120)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", writer, str(target)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout.readline() == "writing\n"
+    child.kill()
+    child.wait()
+    assert len(list(tmp_path.glob("export.tmp-*"))) == 1
+    assert (target / "weights").read_text() == "old"
+    # The state a kill between the two renames leaves: the previous version moved aside too.
+    os.rename(target, tmp_path / f"export.old-{socket.gethostname()}-{child.pid}")
+    (tmp_path / f"metrics.tmp-{socket.gethostname()}-{child.pid}.json").write_text("{")
+    with atomic_folder(target) as tmp:
+        assert (target / "weights").read_text() == "old"  # put back before anything else
+        (tmp / "weights").write_text("new")
+    write_text(tmp_path / "metrics.json", "{}")
+    assert (target / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "metrics.json"]

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from src.config.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Write failures that mean "no room", with what to say about them.
 NO_ROOM = {
@@ -64,6 +68,40 @@ def no_room(error: BaseException) -> str | None:
     return None
 
 
+def _sibling(target: Path, kind: str, pid: int, stem: str, suffix: str) -> Path:
+    """`<stem>.<kind>-<host>-<pid><suffix>` beside `target`: the host and PID of its writer."""
+    return target.with_name(f"{stem}.{kind}-{socket.gethostname()}-{pid}{suffix}")
+
+
+def _clear_leftovers(target: Path, stem: str, suffix: str = "") -> None:
+    """Remove what writers of `target` on this host left when they were killed (their
+    process is gone): a temporary copy is deleted; a previous version moved aside is put back
+    when `target` is missing (killed between the two renames), else deleted."""
+    pattern = re.compile(
+        rf"{re.escape(stem)}\.(tmp|old)-{re.escape(socket.gethostname())}-(\d+){re.escape(suffix)}"
+    )
+    for sibling in sorted(target.parent.iterdir(), key=lambda p: ".old-" not in p.name):
+        found = pattern.fullmatch(sibling.name)
+        if found is None or _running(int(found.group(2))):
+            continue
+        if found.group(1) == "old" and not target.exists():
+            os.rename(sibling, target)
+            log.warning("%s: put back the version a killed write had moved aside", target)
+            continue
+        shutil.rmtree(sibling) if sibling.is_dir() else sibling.unlink()
+        log.warning("%s: removed, left by a write that was killed", sibling)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def _failed(error: BaseException, what: str, path: Path, needed: int | None) -> None:
     """Re-raise a lack of room as one ConfigError line (the previous version is kept)."""
     reason = no_room(error)
@@ -81,19 +119,21 @@ def _failed(error: BaseException, what: str, path: Path, needed: int | None) -> 
 def atomic_folder(
     path: str | Path, *, what: str = "the output", needed: int | None = None
 ) -> Iterator[Path]:
-    """Yield `<path>.tmp-<pid>` to fill; when the block ends without error, it replaces
+    """Yield `<path>.tmp-<host>-<pid>` to fill; when the block ends without error, it replaces
     `path`: the old folder is moved aside, the new one moved in, then the old one deleted
     (renames within one folder: a reader sees the old folder or the new one, never a
     half-written one; only for the instant between the two renames, none). On an error the
     temporary folder is removed and `path` is untouched; a killed process leaves its
-    temporary folder beside `path`, never a mix in it. `needed`: bytes the folder will take,
-    checked against the free space first."""
+    temporary folder beside `path`, never a mix in it, and the next write there clears it
+    (`_clear_leftovers`). `needed`: bytes the folder will take, checked against the free
+    space first."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     if needed is not None:
         check_space(target.parent, needed, what)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier process with this PID
+    _clear_leftovers(target, target.name)
+    tmp = _sibling(target, "tmp", os.getpid(), target.name, "")
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from a write that failed
     tmp.mkdir()
     try:
         yield tmp
@@ -101,7 +141,7 @@ def atomic_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         _failed(error, what, target, needed)
         raise
-    old = target.with_name(f"{target.name}.old-{os.getpid()}")
+    old = _sibling(target, "old", os.getpid(), target.name, "")
     if target.exists():
         os.rename(target, old)
     os.rename(tmp, target)
@@ -110,12 +150,13 @@ def atomic_folder(
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield `<stem>.tmp-<pid><suffix>` beside `path` to write (the suffix kept for writers
+    """Yield `<stem>.tmp-<host>-<pid><suffix>` beside `path` to write (the suffix kept for writers
     that read the format from it); when the block ends without error it replaces `path` in
     one rename. On an error the temporary file is removed, `path` untouched."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.stem}.tmp-{os.getpid()}{target.suffix}")
+    _clear_leftovers(target, target.stem, target.suffix)
+    tmp = _sibling(target, "tmp", os.getpid(), target.stem, target.suffix)
     try:
         yield tmp
     except BaseException as error:
