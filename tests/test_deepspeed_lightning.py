@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,11 +68,8 @@ def zero2(artifacts, tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def zero3(artifacts, tmp_path_factory) -> tuple[Path, str, str]:
-    """The preempted ZeRO-3 run and its resumption: (run dir, first log, second log)."""
-    run_dir = tmp_path_factory.mktemp("zero3")
-    overrides = [
+def zero3_overrides(artifacts: Path, run_dir: Path) -> list[str]:
+    return [
         *common(artifacts, run_dir),
         "strategy=deepspeed_zero3",
         "callbacks=decode_eval",
@@ -80,6 +78,13 @@ def zero3(artifacts, tmp_path_factory) -> tuple[Path, str, str]:
         "callbacks.decode_eval.batch_size=1",  # rank 0 makes more forwards than rank 1
         "decode.max_new_tokens=16",
     ]
+
+
+@pytest.fixture(scope="module")
+def zero3(artifacts, tmp_path_factory) -> tuple[Path, str, str]:
+    """The preempted ZeRO-3 run and its resumption: (run dir, first log, second log)."""
+    run_dir = tmp_path_factory.mktemp("zero3")
+    overrides = zero3_overrides(artifacts, run_dir)
     signal = [
         "+callbacks.signal_at._target_=tests.fixtures.callbacks.SignalAt",
         f"+callbacks.signal_at.batch={SIGNAL_BATCH}",
@@ -159,6 +164,27 @@ def test_the_export_from_the_zero3_checkpoint_equals_the_trained_weights(zero3, 
         settings = read_settings(str(export))
         assert settings == read_settings(str(run_dir / "export"))
         assert settings["trained_steps"] == STEPS
+
+
+@pytest.mark.slow
+def test_a_finished_zero3_run_without_its_export_reruns_only_the_export(artifacts, zero3, tmp_path):
+    # The state a failed export leaves (the final step checkpointed, no export), rerun as is.
+    run_dir, _, _ = zero3
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True, ignore=shutil.ignore_patterns("export"))
+    result = run_train(copy, *zero3_overrides(artifacts, copy), timeout=900)
+    assert f"resumed at step {STEPS}, the last: nothing to train" in result.stdout + result.stderr
+    assert logged(copy, "train/loss") == logged(run_dir, "train/loss")  # no step trained
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step000004.ckpt",
+        "step000006.ckpt",
+    ]
+    trained = load_file(run_dir / "export" / "model.safetensors")
+    exported = load_file(copy / "export" / "model.safetensors")
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[name], value) for name, value in trained.items())
+    assert read_settings(str(copy / "export")) == read_settings(str(run_dir / "export"))
 
 
 @pytest.mark.slow
