@@ -20,6 +20,7 @@ import torch
 from src.config import ConfigError
 from src.config.files import atomic_folder, write_text
 from src.decoding import check_export, generate, generate_ar
+from src.evaluation.sandbox import bwrap_available
 from src.model import load_export, read_settings
 from src.training.guards import LOCK_FILE, RunDirLock
 from tests.conftest import ROOT, SMALL, tiny_model
@@ -259,11 +260,11 @@ def test_logger_none_trains(artifacts, tmp_path):
     assert (tmp_path / "export" / "diffusion.json").exists()
 
 
-def run_in_one_process(cases: list[tuple[str, list[str]]]) -> list[dict]:
+def run_in_one_process(cases: list[tuple[str, list[str]]], wrapper: list[str] = ()) -> list[dict]:
     """Each (module, args) as `python -m module args`, all in one subprocess
-    (tests/fixtures/entry_points.py): the imports are paid once."""
+    (tests/fixtures/entry_points.py), started through `wrapper`: the imports are paid once."""
     result = subprocess.run(
-        [sys.executable, "-m", "tests.fixtures.entry_points"],
+        [*wrapper, sys.executable, "-m", "tests.fixtures.entry_points"],
         input=json.dumps(cases),
         cwd=ROOT,
         env=ENV,
@@ -329,6 +330,28 @@ def test_bad_input_is_one_line_naming_the_fix(bad_files, artifacts, tmp_path):
     assert not (tmp_path / "b.json").exists() and not (tmp_path / "prep").exists()
     assert not list(tmp_path.glob("e/*.json")) and not (file_dir.parent / "b.json").exists()
     assert json.loads((tmp_path / "old" / "metrics.json").read_text()) == {"benchmark": "synthetic"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not bwrap_available(), reason="bwrap unavailable (make system-deps)")
+def test_read_only_output_folders_are_refused_before_the_work(bad_files, artifacts, tmp_path):
+    # A read-only mount (bubblewrap's), which binds root too: EROFS, as on a cluster's
+    # read-only project space.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    export = f"ckpt={bad_files['export']}"
+    cases = {
+        "bench out": ("src.bench", ["decode", export, f"ar_ckpt={bad_files['export']}", f"out={ro}/b.json"], "error:", f"out={ro}: {ro} is not writable"),
+        "train run dir": ("src.train", ["experiment=tiny_ar", f"hydra.run.dir={ro}/run"], "config error:", f"hydra.run.dir={ro}/run: {ro} is not writable"),
+        "export dir": ("src.train", ["experiment=tiny_ar", f"paths.artifacts_dir={artifacts}", f"paths.export_dir={ro}/export", f"hydra.run.dir={tmp_path}/t"], "config error:", f"paths.export_dir={ro}/export: {ro} is not writable"),
+        "eval run dir": ("src.eval", [export, f"hydra.run.dir={ro}/e"], "config error:", f"hydra.run.dir={ro}/e: {ro} is not writable"),
+    }  # fmt: skip
+    bind = ["bwrap", "--bind", "/", "/", "--ro-bind", str(ro), str(ro), "--dev", "/dev", "--proc", "/proc"]  # fmt: skip
+    results = run_in_one_process([(m, args) for m, args, _, _ in cases.values()], bind)
+    for (case, (_, _, start, part)), result in zip(cases.items(), results, strict=True):
+        lines = result["stderr"].strip().splitlines()
+        assert result["returncode"] != 0 and "Traceback" not in result["stderr"], (case, lines)
+        assert lines[-1].startswith(start) and part in lines[-1], (case, lines)
 
 
 def test_lists_from_a_scalar_and_scorer_failures_fail_the_run(bad_files, tmp_path):
