@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -452,6 +453,35 @@ def test_a_failed_eval_write_keeps_the_previous_run_files(bad_files, tmp_path):
     # The previous run's pair is whole and unchanged; no temporary file is left.
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert not list(tmp_path.glob("*.tmp-*"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not bwrap_available(), reason="bwrap unavailable (make system-deps)")
+def test_a_full_disk_keeps_the_previous_eval_files(bad_files, tmp_path):
+    # A real ENOSPC: the run directory on a 44 KiB tmpfs (bubblewrap's). The first run fits;
+    # the second one's samples.jsonl (~29 kB) does not. Copies of the folder after each run
+    # are taken out of the mount.
+    run, evaluate = "/tmp/full-disk/run", [
+        sys.executable, "-m", "src.eval", f"ckpt={bad_files['export']}", "batch_size=50",
+        "decode.max_new_tokens=2", "decode.sub_block_size=4", "hydra.run.dir=/tmp/full-disk/run",
+    ]  # fmt: skip
+    script = " ; ".join([
+        shlex.join([*evaluate, "limit=4"]), f"cp -r {run} {tmp_path}/first",
+        shlex.join([*evaluate, "limit=200", "decode.threshold=0.5"]), f"cp -r {run} {tmp_path}/second",
+    ])  # fmt: skip
+    result = subprocess.run(
+        ["bwrap", "--bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--size", "45056",
+         "--tmpfs", "/tmp/full-disk", "sh", "-c", script],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    said = result.stderr.strip().splitlines()[-1]
+    assert said.startswith(
+        f"error: cannot write samples.jsonl to {run}/samples.jsonl: no space left on device ("
+    ), said
+    assert "the previous version is kept" in said and "Traceback" not in result.stderr
+    first, second = (sorted((tmp_path / n).glob("*.json*")) for n in ("first", "second"))
+    assert [p.name for p in first] == [p.name for p in second] == ["metrics.json", "samples.jsonl"]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
 
 
 def test_what_a_killed_write_leaves_is_cleared_by_the_next_one(tmp_path):
