@@ -3,7 +3,7 @@
     python -m src.train experiment=tiny_ar          # tiny AR model from scratch (the AR-init)
     python -m src.train experiment=tiny             # block-diffusion fine-tune (embedded default)
     python -m src.train experiment=qwen7b --cfg job # show the composed config
-    python -m src.train -m diffusion.block_size=16,32 trainer.max_steps=50
+    python -m src.train -m diffusion.block_size=16,32 paths.export_dir='${paths.output_dir}/export'
 
 A run resumes from its own last checkpoint (`ckpt_path=last`) when one exists, so a
 preempted or killed job started again in the same run directory continues where it stopped.

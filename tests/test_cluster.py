@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict, read_write
 
 from src.config import ConfigError
-from src.config.launch import check_launch
+from src.config.launch import check_folders_per_job, check_launch
 from src.model.export import local_device, resolve_device
 from src.training.checks import check_val_check_interval, val_check_batches
 from src.training.guards import LOCK_FILE, RunDirLock
@@ -255,6 +255,38 @@ def test_the_slurm_launcher_refuses_a_signal_too_late_for_the_checkpoint():
     assert "raise it to >= " in message
     ok = compose_train(*overrides, hydra=True)  # the default 120 s
     check_signal_delay(ok, compose_train("experiment=qwen7b"))
+
+
+# --- a folder per job -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "swept, shared",
+    [
+        (["experiment=qwen7b", "seed=0,1"], None),  # exports under each job's output dir
+        (["seed=0,1", "paths.export_dir=${paths.output_dir}/export"], None),
+        (["paths.export_dir=exports/a,exports/b"], None),
+        # 4 jobs: 0 (seed 0) and 2 (seed 1) both export to exports/a
+        (["seed=0,1", "paths.export_dir=exports/a,exports/b"], "exports/a for jobs 0 and 2"),
+        (["seed=0,1", "paths.artifacts_dir=art"], "art/tiny for jobs 0 and 1"),  # tiny's export
+        (["seed=0,1", "paths.export_dir=exports/one"], "exports/one for jobs 0 and 1"),
+    ],
+)
+def test_a_multirun_refuses_jobs_that_share_an_export(swept, shared, tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+        with open_dict(cfg), read_write(cfg):
+            cfg.hydra.overrides.task = swept
+            cfg.hydra.sweep.dir = str(tmp_path)
+        if shared is None:
+            check_folders_per_job(cfg, "train", ["paths.export_dir"])
+            return
+        with pytest.raises(ConfigError) as err:
+            check_folders_per_job(cfg, "train", ["paths.export_dir"])
+    folder, jobs = shared.split(" for ")
+    assert str(err.value).startswith(
+        f"paths.export_dir={os.path.abspath(folder)} is one folder for {jobs} of this multirun"
+    )
 
 
 # --- the dtype a run builds its model in ---------------------------------------------------

@@ -299,6 +299,7 @@ def test_bad_input_is_one_line_naming_the_fix(bad_files, artifacts, tmp_path):
         "empty list": ("src.bench", [*bench, "thresholds=[]"], "error:", "thresholds=[] leaves nothing to measure: pass e.g. thresholds=[0.9]"),
         "bench out under a file": ("src.bench", [*bench, f"out={file_dir}/b.json"], "error:", f"out={file_dir}: {file_dir} is a file, not a folder"),
         "run dir under a file": ("src.train", ["experiment=tiny_ar", f"hydra.run.dir={file_dir}/run"], "config error:", f"hydra.run.dir={file_dir}/run: {file_dir} is a file"),
+        "multirun into one export": ("src.train", ["-m", "experiment=tiny_ar", "trainer.max_steps=1,2", f"hydra.sweep.dir={tmp_path}/m", f"paths.artifacts_dir={tmp_path}/art"], "config error:", f"paths.export_dir={tmp_path}/art/tiny_ar is one folder for jobs 0 and 1 of this multirun, the later replacing the earlier: pass paths.export_dir='${{paths.output_dir}}/export'"),
         "max_steps -1": ("src.train", ["experiment=tiny_ar", "trainer.max_steps=-1", f"hydra.run.dir={tmp_path}/t"], "config error:", "trainer.max_steps=-1 without an epoch budget"),
         "no ZeRO checkpoint": ("src.zero_to_hf", [f"{tmp_path}/nope", f"{tmp_path}/out"], "error:", f"{tmp_path}/nope: no such DeepSpeed checkpoint folder; a DeepSpeed training run writes one"),
         "unknown model_args key": ("src.lm_eval_adapter", ["--model", "fast_dllm", "--model_args", f"pretrained={f['export']},threshhold=0.5", "--tasks", "gsm8k"], "error:", "threshhold=0.5: no such model argument; did you mean threshold?"),

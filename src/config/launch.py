@@ -118,7 +118,9 @@ def check_partition(partition: str | None) -> None:
 
 def job_overrides(cfg: DictConfig) -> list[list[str]]:
     """The override lists of every job of the sweep, as the basic sweeper expands them."""
-    parsed = OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task))
+    # Unresolved: `paths.export_dir=${paths.output_dir}/export` is for each job to resolve.
+    task = OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False)
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in task])
     batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
     return [list(job) for batch in batches for job in batch]
 
@@ -158,6 +160,44 @@ class LaunchChecks(Callback):
         try:
             checks = [get_method(name) for name in self.job_checks]
             check_launch(config, kwargs["config_name"], checks)
+        except ConfigError as err:
+            raise SystemExit(f"config error: {err}") from None
+
+
+def check_folders_per_job(cfg: DictConfig, config_name: str, keys: Sequence[str]) -> None:
+    """No two jobs of a multirun fill one folder: the later job's files would replace the
+    earlier's. `keys`: the config keys of folders a job fills (a folder outside the job's
+    output directory, such as the tiny experiments' `artifacts/` exports, is shared unless a
+    swept value is part of it). Each job's `paths.output_dir` is its own folder under the
+    sweep directory, as Hydra gives it."""
+    owners: dict[tuple[str, str], int] = {}
+    for num, overrides in enumerate(job_overrides(cfg)):
+        job = compose(config_name=config_name, overrides=overrides)
+        job.paths.output_dir = os.path.join(cfg.hydra.sweep.dir, str(num))
+        for key in keys:
+            folder = os.path.abspath(OmegaConf.select(job, key))
+            first = owners.setdefault((key, folder), num)
+            if first != num:
+                name = key.rsplit(".", 1)[-1].removesuffix("_dir")
+                raise ConfigError(
+                    f"{key}={folder} is one folder for jobs {first} and {num} of this multirun, "
+                    f"the later replacing the earlier: pass {key}='${{paths.output_dir}}/{name}' "
+                    "(a folder per job)"
+                )
+
+
+class FolderPerJobCheck(Callback):
+    """Runs `check_folders_per_job` before any job of a multirun starts (conf/train.yaml
+    names the folders: the export)."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = list(keys)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not HydraConfig.initialized():
+            HydraConfig.instance().set_config(config)
+        try:
+            check_folders_per_job(config, kwargs["config_name"], self.keys)
         except ConfigError as err:
             raise SystemExit(f"config error: {err}") from None
 
