@@ -145,6 +145,18 @@ def check_launch(cfg: DictConfig, config_name: str, job_checks: Sequence[JobChec
         check_partition(cfg.hydra.launcher.partition)
 
 
+def run_check(config: DictConfig, check: Callable[[], None]) -> None:
+    """Runs a Hydra callback's check: a ConfigError is the one-line exit. The checks resolve
+    `${hydra:...}` (paths, `runtime.choices`) against the run's or multirun's config, which
+    Hydra sets only later (and the basic sweeper, never: `src.eval -m` failed)."""
+    if not HydraConfig.initialized():
+        HydraConfig.instance().set_config(config)
+    try:
+        check()
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+
+
 class LaunchChecks(Callback):
     """Runs `check_launch` before the sweeper submits anything. `job_checks`: dotted names of
     more `JobCheck`s, given by the launcher config (they live in higher layers, e.g. the SLURM
@@ -154,14 +166,8 @@ class LaunchChecks(Callback):
         self.job_checks = list(job_checks)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # The jobs' configs resolve `${hydra:...}` (e.g. paths) against the multirun's.
-        if not HydraConfig.initialized():
-            HydraConfig.instance().set_config(config)
-        try:
-            checks = [get_method(name) for name in self.job_checks]
-            check_launch(config, kwargs["config_name"], checks)
-        except ConfigError as err:
-            raise SystemExit(f"config error: {err}") from None
+        checks = [get_method(name) for name in self.job_checks]
+        run_check(config, lambda: check_launch(config, kwargs["config_name"], checks))
 
 
 def check_folders_per_job(cfg: DictConfig, config_name: str, keys: Sequence[str]) -> None:
@@ -194,12 +200,7 @@ class FolderPerJobCheck(Callback):
         self.keys = list(keys)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not HydraConfig.initialized():
-            HydraConfig.instance().set_config(config)
-        try:
-            check_folders_per_job(config, kwargs["config_name"], self.keys)
-        except ConfigError as err:
-            raise SystemExit(f"config error: {err}") from None
+        run_check(config, lambda: check_folders_per_job(config, kwargs["config_name"], self.keys))
 
 
 class RunDirCheck(Callback):
@@ -214,15 +215,7 @@ class RunDirCheck(Callback):
 
     @staticmethod
     def _check(config: DictConfig, key: str) -> None:
-        # The directories resolve `${hydra:runtime.choices...}`, which needs the Hydra config
-        # set; Hydra sets it only later (and the basic sweeper, never: `src.eval -m` failed).
-        if not HydraConfig.initialized():
-            HydraConfig.instance().set_config(config)
-        path = OmegaConf.select(config, key)
-        try:
-            check_writable({key: path})
-        except ConfigError as err:
-            raise SystemExit(f"config error: {err}") from None
+        run_check(config, lambda: check_writable({key: OmegaConf.select(config, key)}))
 
 
 def sweep_commands(sweep: Mapping[str, Any]) -> list[list[str]]:
